@@ -1,0 +1,241 @@
+"""The ``hl7referral`` command line (click).
+
+Every command that reads the store takes the same ``--config``/``--store``/
+``--set`` options. Errors print one readable line on stderr and exit non-zero;
+a traceback only with ``HL7REFERRAL_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import click
+
+from . import __version__
+from .config import ConfigError, load_engine
+from .engine.endpoints import EndpointError, server_endpoint
+from .send import MLLPClient, SendError, read_messages, tls_context
+from .store import Store, StoreError
+
+EXPECTED_ERRORS = (ConfigError, StoreError, EndpointError, SendError, OSError)
+
+
+def fail(message: str, code: int = 2) -> None:
+    click.echo(f"hl7referral: {message}", err=True)
+    sys.exit(code)
+
+
+def readable_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EXPECTED_ERRORS as exc:
+            if os.environ.get("HL7REFERRAL_DEBUG"):
+                raise
+            message = str(exc) if not isinstance(exc, OSError) or not exc.strerror else \
+                f"{exc.filename or ''}: {exc.strerror}".lstrip(": ")
+            fail(message)
+    return wrapper
+
+
+def config_options(fn):
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="Override a configuration key, e.g. listeners.0.idle_timeout=60 (repeatable).")(fn)
+    fn = click.option("--store", "store", metavar="PATH", help="SQLite store (overrides store.path).")(fn)
+    fn = click.option("--config", "config", metavar="FILE", type=click.Path(dir_okay=False),
+                      help="engine.toml (default: the embedded defaults).")(fn)
+    return fn
+
+
+def _load(config, store, overrides, listen=()):
+    return load_engine(config, overrides=overrides, store=store, listen=listen)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hl7referral")
+def main() -> None:
+    """hl7referral: an HL7 v2 / Direct interface engine that closes the referral loop."""
+
+
+# -- serve ---------------------------------------------------------------------
+
+
+@main.command()
+@config_options
+@click.option("--listen", multiple=True, metavar="ENDPOINT",
+              help="Listen on this Twisted endpoint instead of the configured one, "
+                   "e.g. tcp:2575:interface=127.0.0.1 (repeatable).")
+@readable_errors
+def serve(config, store, overrides, listen) -> None:
+    """Run the engine: MLLP listeners, store, channels.
+
+    With no options it runs on the embedded defaults: store hl7referral.db in
+    the working directory, the sample channels, MLLP on 127.0.0.1:2575.
+    """
+    from twisted.internet import reactor
+    from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
+                                globalLogBeginner, textFileLogObserver)
+
+    from .engine.service import EngineService
+
+    cfg = _load(config, store, overrides, listen)
+    level = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
+             "error": LogLevel.error}[cfg.log_level]
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr),
+                                    [LogLevelFilterPredicate(defaultLogLevel=level)])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    service = EngineService(cfg, reactor)
+    status = {"code": 0}
+
+    def ready(bound):
+        for lc, addr in bound:
+            kind = lc.endpoint.split(":", 1)[0]
+            click.echo(f"hl7referral: listening on {addr} ({kind}, listener {lc.name}); "
+                       f"store {cfg.store_path}; channels: "
+                       f"{', '.join(c.name for c in cfg.channels_for(lc.name)) or 'none'}")
+        sys.stdout.flush()
+
+    def failed(failure):
+        click.echo(f"hl7referral: {failure.getErrorMessage()}", err=True)
+        status["code"] = 1
+        reactor.stop()
+
+    service.ready.addCallbacks(ready, failed)
+    reactor.callWhenRunning(service.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+    sys.exit(status["code"])
+
+
+# -- send ------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=2575, show_default=True, type=int)
+@click.option("--timeout", default=10.0, show_default=True, type=float, help="Seconds to wait for each ACK.")
+@click.option("--tls", is_flag=True, help="Use TLS (1.2 or later).")
+@click.option("--ca", type=click.Path(exists=True, dir_okay=False), help="Trust roots (PEM) for the server certificate.")
+@click.option("--cert", type=click.Path(exists=True, dir_okay=False), help="Client certificate (PEM) for mutual TLS.")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False), help="Private key (PEM) of --cert.")
+@click.option("--server-name", help="Name to verify in the server certificate (default: --host).")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@readable_errors
+def send(host, port, timeout, tls, ca, cert, key, server_name, files) -> None:
+    """Send the messages in FILES over MLLP and print one line per ACK.
+
+    Each line: control id, MSA-1, error text. Exit status 1 if any message was
+    not accepted (AA/CA), or its ACK did not echo its MSH-10 in MSA-2.
+    """
+    context = tls_context(ca, cert, key) if (tls or ca or cert) else None
+    messages = [m for f in files for m in read_messages(f)]
+    if not messages:
+        fail("no HL7 messages found in the given files")
+    all_ok = True
+    with MLLPClient(host, port, timeout=timeout, context=context, server_name=server_name) as client:
+        for payload in messages:
+            result = client.exchange(payload)
+            click.echo(result.line())
+            all_ok &= result.ok
+    sys.exit(0 if all_ok else 1)
+
+
+# -- messages --------------------------------------------------------------------
+
+
+@main.group()
+def messages() -> None:
+    """Inspect the messages in the store."""
+
+
+def _open_store(config, store, overrides) -> Store:
+    cfg = _load(config, store, overrides)
+    return Store.open(cfg.store_path, readonly=True)
+
+
+@messages.command("list")
+@config_options
+@click.option("--limit", default=50, show_default=True, type=int)
+@click.option("--status", type=click.Choice(["accepted", "rejected", "not_hl7"]))
+@click.option("--control-id", help="Only messages with this MSH-10.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of objects.")
+@readable_errors
+def messages_list(config, store, overrides, limit, status, control_id, as_json) -> None:
+    """The newest messages, one line each."""
+    s = _open_store(config, store, overrides)
+    rows = s.list_messages(limit=limit, status=status, control_id=control_id)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['id']:>7}  {r['received_at']}  {r['status']:<8}  {r['ack_code'] or '-':<2}  "
+                   f"{r['message_type'] or '-':<8}  {r['control_id'] or '-'}"
+                   f"{'  dup×' + str(r['duplicates']) if r['duplicates'] else ''}"
+                   f"{'  ' + r['error'] if r['error'] else ''}")
+
+
+@messages.command("show")
+@config_options
+@click.option("--json", "as_json", is_flag=True)
+@click.argument("message_id", type=int)
+@readable_errors
+def messages_show(config, store, overrides, as_json, message_id) -> None:
+    """One message: summary, ACK sent, and its segments (parsed with python-hl7)."""
+    from .v2.parse import ParseError, parse_message
+
+    s = _open_store(config, store, overrides)
+    row = s.get_message(message_id)
+    if row is None:
+        fail(f"no message #{message_id} in {s.path}", 1)
+    raw, ack = row.pop("raw"), row.pop("ack")
+    row.pop("text", None)
+    try:
+        parsed = parse_message(raw, row.get("charset") or "ascii")
+        segments = [str(seg) for seg in parsed]
+        parse_error = None
+    except ParseError as exc:
+        segments, parse_error = [], str(exc)
+    if as_json:
+        row.update(raw=raw.decode("latin-1"), ack=ack.decode("latin-1") if ack else None,
+                   segments=segments, parse_error=parse_error)
+        click.echo(json.dumps(row, indent=2))
+        return
+    for key in ("id", "received_at", "listener", "peer", "channel", "status", "message_type",
+                "control_id", "sending_application", "sending_facility", "referral_id",
+                "ack_code", "error", "duplicates"):
+        click.echo(f"{key:>20}: {row.get(key) if row.get(key) not in (None, '') else '-'}")
+    click.echo(f"{'size':>20}: {len(raw)} bytes")
+    click.echo("--- segments" + (f" (not parseable: {parse_error})" if parse_error else ""))
+    for seg in segments:
+        click.echo(seg)
+    if ack:
+        click.echo("--- ACK sent")
+        click.echo(ack.decode("latin-1").replace("\r", "\n").rstrip())
+
+
+# -- check -----------------------------------------------------------------------
+
+
+@main.command()
+@config_options
+@click.option("--listen", multiple=True, metavar="ENDPOINT")
+@readable_errors
+def check(config, store, overrides, listen) -> None:
+    """Validate the configuration (engine, channels, endpoints) without starting anything."""
+    from twisted.internet.testing import MemoryReactor
+
+    cfg = _load(config, store, overrides, listen)
+    for lc in cfg.listeners:
+        server_endpoint(MemoryReactor(), lc.endpoint, lc.base_dir)
+        if not cfg.channels_for(lc.name):
+            click.echo(f"hl7referral: warning: listener {lc.name} has no channel; it will refuse everything",
+                       err=True)
+    parent = cfg.store_path.resolve().parent
+    if not parent.exists() or not os.access(parent, os.W_OK):
+        raise ConfigError(cfg.source, 0, "store.path", f"directory {parent} is not writable")
+    click.echo(f"ok: {cfg.source}: {len(cfg.listeners)} listener(s), {len(cfg.channels)} channel(s) "
+               f"from {cfg.channels_dir}; store {cfg.store_path}")

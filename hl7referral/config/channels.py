@@ -1,0 +1,96 @@
+"""``channels/*.toml``: one channel a file.
+
+A channel says what a listener accepts (message types, optionally only from
+some sending facilities) and how it is acknowledged. Later issues add the
+mapping, the destination and the transports; unknown keys are refused until
+then, so a channel file never claims more than the engine does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .schema import ConfigError, locate, validate
+
+CHANNEL_SCHEMA = {
+    "name": str,
+    "description": str,
+    "source": {"listener": str, "accept": [str], "sending_facilities": [str]},
+    "ack": {"mode": ("after-store",)},
+}
+_KIND = re.compile(r"^[A-Z][A-Z0-9]{2}\^[A-Z0-9]{3}$")
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    name: str
+    file: str
+    listener: str
+    accept: tuple[str, ...]
+    sending_facilities: tuple[str, ...] = ()
+    ack_mode: str = "after-store"
+    description: str = ""
+    text: str = dataclasses.field(default="", repr=False, compare=False)
+
+    def line_of(self, key: str) -> int:
+        return locate(self.text, key)
+
+    def with_listener(self, listener: str) -> "ChannelConfig":
+        return dataclasses.replace(self, listener=listener)
+
+
+def load_channel(path: Path) -> ChannelConfig:
+    file = str(path)
+    try:
+        text = path.read_text("utf-8")
+        data = tomllib.loads(text)
+    except OSError as exc:
+        raise ConfigError(file, 0, "", f"cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, getattr(exc, "lineno", 0) or 0, "", f"not valid TOML: {exc}") from None
+    validate(data, CHANNEL_SCHEMA, file=file, text=text)
+    for key in ("name", "source"):
+        if key not in data:
+            raise ConfigError(file, 0, key, "required")
+    source = data["source"]
+    for key in ("listener", "accept"):
+        if key not in source:
+            raise ConfigError(file, locate(text, "source") or 0, f"source.{key}", "required")
+    if not source["accept"]:
+        raise ConfigError(file, locate(text, "source.accept"), "source.accept", "lists no message type")
+    for kind in source["accept"]:
+        if not _KIND.match(kind):
+            raise ConfigError(file, locate(text, "source.accept"), "source.accept",
+                              f"{kind!r} is not TYPE^EVENT (e.g. REF^I12)")
+    return ChannelConfig(
+        name=data["name"], file=file, listener=source["listener"],
+        accept=tuple(source["accept"]),
+        sending_facilities=tuple(source.get("sending_facilities", ())),
+        ack_mode=data.get("ack", {}).get("mode", "after-store"),
+        description=data.get("description", ""), text=text,
+    )
+
+
+def load_channels(directory: Path) -> list[ChannelConfig]:
+    if not directory.is_dir():
+        raise ConfigError(str(directory), 0, "", "channels directory not found")
+    channels = [load_channel(p) for p in sorted(directory.glob("*.toml")) if p.name != "directory.toml"]
+    seen: dict[str, ChannelConfig] = {}
+    routes: dict[tuple[str, str, str], ChannelConfig] = {}
+    for ch in channels:
+        if ch.name in seen:
+            raise ConfigError(ch.file, ch.line_of("name"), "name",
+                              f"channel name {ch.name!r} also used in {seen[ch.name].file}")
+        seen[ch.name] = ch
+        for kind in ch.accept:
+            for facility in ch.sending_facilities or ("*",):
+                key = (ch.listener, kind, facility)
+                if key in routes:
+                    raise ConfigError(ch.file, ch.line_of("source.accept"), "source.accept",
+                                      f"{kind} from {facility} is already taken by channel {routes[key].name!r}")
+                routes[key] = ch
+    return channels

@@ -1,0 +1,194 @@
+"""Load ``engine.toml`` (or the embedded defaults), apply CLI overrides, validate.
+
+Precedence, lowest first: the file (or the embedded defaults), ``--set
+KEY=VALUE`` (dotted keys, list items by index: ``listeners.0.idle_timeout=60``),
+then ``--store`` and ``--listen``. Relative paths in a file are relative to the
+file; in the embedded defaults and on the command line, to the working
+directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .channels import ChannelConfig, load_channels
+from .schema import ConfigError, validate
+
+DEFAULTS_NAME = "<embedded defaults>"
+
+LISTENER_SCHEMA = {
+    "name": str,
+    "endpoint": str,
+    "max_frame_bytes": int,
+    "max_connections": int,
+    "max_connections_per_peer": int,
+    "first_frame_timeout": float,
+    "frame_timeout": float,
+    "idle_timeout": float,
+    "max_junk_bytes": int,
+    "max_in_flight": int,
+    "processing_ids": [str],
+    "versions": [str],
+    "default_charset": str,
+    "on_store_failure": ("nak", "silent"),
+}
+ENGINE_SCHEMA = {
+    "store": {"path": str, "busy_timeout_ms": int},
+    "log": {"level": ("debug", "info", "warn", "error")},
+    "channels": {"dir": str},
+    "listeners": [LISTENER_SCHEMA],
+}
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    endpoint: str
+    max_frame_bytes: int
+    max_connections: int
+    max_connections_per_peer: int
+    first_frame_timeout: float
+    frame_timeout: float
+    idle_timeout: float
+    max_junk_bytes: int
+    max_in_flight: int
+    processing_ids: tuple[str, ...]
+    versions: tuple[str, ...]
+    default_charset: str
+    on_store_failure: str
+    base_dir: Path = Path(".")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    source: str
+    store_path: Path
+    busy_timeout_ms: int
+    log_level: str
+    channels_dir: Path
+    listeners: tuple[ListenerConfig, ...]
+    channels: tuple[ChannelConfig, ...] = field(default=())
+
+    def channels_for(self, listener: str) -> list[ChannelConfig]:
+        return [c for c in self.channels if c.listener == listener]
+
+
+def _defaults() -> tuple[dict[str, Any], str]:
+    text = resources.files("hl7referral.config").joinpath("default_engine.toml").read_text("utf-8")
+    return tomllib.loads(text), text
+
+
+def bundled_channels_dir() -> Path:
+    """The sample channels: in the checkout (editable install), else installed data."""
+    checkout = Path(__file__).resolve().parents[2] / "channels"
+    if checkout.is_dir():
+        return checkout
+    return Path(sys.prefix) / "share" / "hl7referral" / "channels"
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError("--set", 0, assignment, "expected KEY=VALUE")
+    node: Any = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError("--set", 0, key, f"no list item {part!r} at {'.'.join(parts[:i])}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    leaf = parts[-1]
+    if isinstance(node, list):
+        raise ConfigError("--set", 0, key, "name a field of a list item, e.g. listeners.0.endpoint")
+    node[leaf] = _parse_value(raw.strip())
+
+
+def load_engine(
+    config_file: str | Path | None = None,
+    *,
+    overrides: tuple[str, ...] | list[str] = (),
+    store: str | None = None,
+    listen: tuple[str, ...] | list[str] = (),
+) -> EngineConfig:
+    defaults, default_text = _defaults()
+    if config_file is None:
+        data, text, source, base = copy.deepcopy(defaults), default_text, DEFAULTS_NAME, Path.cwd()
+    else:
+        path = Path(config_file)
+        try:
+            text = path.read_text("utf-8")
+        except OSError as exc:
+            raise ConfigError(str(path), 0, "", f"cannot read: {exc.strerror}") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(path), getattr(exc, "lineno", 0) or 0, "", f"not valid TOML: {exc}") from None
+        source, base = str(path), path.resolve().parent
+    validate(data, ENGINE_SCHEMA, file=source, text=text)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    validate(data, ENGINE_SCHEMA, file="--set" if overrides else source, text="" if overrides else text)
+
+    listener_defaults = defaults["listeners"][0]
+    listeners_data = data.get("listeners") or [dict(listener_defaults)]
+    if listen:
+        template = listeners_data[0]
+        listeners_data = [dict(template, endpoint=e, name=template.get("name", "main") if i == 0
+                               else f"{template.get('name', 'main')}-{i + 1}")
+                          for i, e in enumerate(listen)]
+    listeners = []
+    names = set()
+    for i, ld in enumerate(listeners_data):
+        merged = {**listener_defaults, **ld}
+        if merged["name"] in names:
+            raise ConfigError(source, 0, f"listeners.{i}.name", f"duplicate listener name {merged['name']!r}")
+        names.add(merged["name"])
+        if merged["max_frame_bytes"] < 64:
+            raise ConfigError(source, 0, f"listeners.{i}.max_frame_bytes", "must be at least 64")
+        merged["processing_ids"] = tuple(merged["processing_ids"])
+        merged["versions"] = tuple(merged["versions"])
+        listeners.append(ListenerConfig(**merged, base_dir=base))
+
+    store_cfg = {**defaults["store"], **data.get("store", {})}
+    store_path = Path(store) if store else _resolve(base, store_cfg["path"])
+    channels_dir_value = {**defaults["channels"], **data.get("channels", {})}["dir"]
+    channels_dir = _resolve(base, channels_dir_value) if channels_dir_value else bundled_channels_dir()
+    channels = load_channels(channels_dir)
+    known = {lc.name for lc in listeners}
+    # With --listen, every channel goes to the (renamed) first listener.
+    for ch in channels:
+        if ch.listener not in known and not listen:
+            raise ConfigError(ch.file, ch.line_of("source.listener"), "source.listener",
+                              f"no listener named {ch.listener!r} (have: {', '.join(sorted(known))})")
+    if listen:
+        channels = [ch.with_listener(listeners[0].name) for ch in channels]
+    return EngineConfig(
+        source=source,
+        store_path=store_path,
+        busy_timeout_ms=store_cfg["busy_timeout_ms"],
+        log_level={**defaults["log"], **data.get("log", {})}["level"],
+        channels_dir=channels_dir,
+        listeners=tuple(listeners),
+        channels=tuple(channels),
+    )
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base / p

@@ -1,0 +1,99 @@
+"""The engine as a Twisted service: store, committer thread, listeners.
+
+``EngineService(config)`` opens and checks the store at construction, so a
+bad store fails before the reactor runs, with one readable line. Starting the
+service starts listening; ``ready`` fires with the bound addresses (or fails
+with :class:`ListenError`). Stopping stops accepting, lets every commit in
+flight finish, then closes the store.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.error import CannotListenError
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from ..config import EngineConfig
+from ..store import Store
+from .committer import GroupCommitter
+from .endpoints import describe_port, is_tls, server_endpoint
+from .ingest import Ingest, policy_for
+from .mllp import MLLPServerFactory
+
+
+class ListenError(RuntimeError):
+    pass
+
+
+class EngineService(MultiService):
+    log = Logger()
+
+    def __init__(self, config: EngineConfig, reactor=None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+            reactor = default_reactor
+        self.reactor = reactor
+        self.config = config
+        self.store = Store.open(config.store_path, busy_timeout_ms=config.busy_timeout_ms)
+        self.pool = ThreadPool(minthreads=1, maxthreads=1, name="hl7referral-store")
+        self.committer = GroupCommitter(
+            self.store, lambda f, *a: deferToThreadPool(reactor, self.pool, f, *a))
+        self.listeners: list[tuple[object, MLLPServerFactory, object]] = []
+        for lc in config.listeners:
+            channels = config.channels_for(lc.name)
+            ingest = Ingest(lc.name, policy_for(lc, channels), self.committer, reactor, lc.on_store_failure)
+            factory = MLLPServerFactory(lc, ingest, reactor, tls=is_tls(lc.endpoint))
+            self.listeners.append((lc, factory, server_endpoint(reactor, lc.endpoint, lc.base_dir)))
+        self.ports: list = []
+        self.ready: Deferred = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+        attempts = []
+        for lc, factory, endpoint in self.listeners:
+            d = endpoint.listen(factory)
+            d.addErrback(self._listen_failed, lc)
+            attempts.append(d)
+        done = DeferredList(attempts, fireOnOneErrback=True, consumeErrors=True)
+        done.addCallbacks(self._listening, lambda f: self.ready.errback(f.value.subFailure))
+
+    def _listen_failed(self, failure, lc):
+        if failure.check(CannotListenError):
+            reason = failure.value.socketError
+            raise ListenError(f"cannot listen on {lc.endpoint}: {getattr(reason, 'strerror', reason)}")
+        raise ListenError(f"cannot listen on {lc.endpoint}: {failure.getErrorMessage()}")
+
+    def _listening(self, results) -> None:
+        bound = []
+        for (lc, factory, _), (_, port) in zip(self.listeners, results):
+            self.ports.append(port)
+            bound.append((lc, describe_port(port)))
+            self.log.info("listening on {addr} ({name}, {kind}), channels: {channels}", addr=describe_port(port),
+                          name=lc.name, kind="tls" if factory.tls else lc.endpoint.split(":")[0],
+                          channels=", ".join(c.name for c in self.config.channels_for(lc.name)) or "none")
+        self.ready.callback(bound)
+
+    @inlineCallbacks
+    def stopService(self):
+        yield super().stopService()
+        for port in self.ports:
+            yield port.stopListening()
+        for _, factory, _ in self.listeners:
+            for proto in list(factory.connections):
+                if proto.transport is not None:
+                    proto.transport.loseConnection()
+        # Let the commits already queued finish: their messages are on disk.
+        while self.committer.depth or self.committer._busy:
+            d = Deferred()
+            self.reactor.callLater(0.01, d.callback, None)
+            yield d
+        self.pool.stop()
+        self.store.close()
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {lc.name: {**factory.ingest.counts, **factory.counts} for lc, factory, _ in self.listeners}

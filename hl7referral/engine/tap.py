@@ -1,0 +1,44 @@
+"""``twist hl7referral``: the Twisted plugin's options and ``makeService``.
+
+The same service as ``hl7referral serve``, for sites that run Twisted
+applications under ``twist``/``twistd``.
+"""
+
+from __future__ import annotations
+
+from twisted.python import usage
+
+from ..config import ConfigError, load_engine
+from ..store import StoreError
+from .endpoints import EndpointError
+from .service import EngineService
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--store PATH] [--listen ENDPOINT]... [--set KEY=VALUE]..."
+    optParameters = [
+        ["config", "c", None, "engine.toml (default: the embedded defaults)"],
+        ["store", "s", None, "SQLite store path (overrides store.path)"],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["set"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Listen on this Twisted endpoint string instead (repeatable)."""
+        self["listen"].append(endpoint)
+
+    def opt_set(self, assignment: str) -> None:
+        """Override one configuration key, KEY=VALUE (repeatable)."""
+        self["set"].append(assignment)
+
+
+def makeService(options: Options) -> EngineService:
+    try:
+        config = load_engine(options["config"], overrides=options["set"], store=options["store"],
+                             listen=options["listen"])
+        return EngineService(config)
+    except (ConfigError, StoreError, EndpointError) as exc:
+        raise usage.UsageError(str(exc)) from None

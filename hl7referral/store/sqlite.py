@@ -1,0 +1,264 @@
+"""The SQLite store (sqlite-utils over the stdlib driver).
+
+Invariants
+----------
+* Durability: the database runs in WAL mode with ``synchronous=FULL`` and
+  ``foreign_keys=ON``; :meth:`Store.open` reads the pragmas back and refuses to
+  open (``StoreError``) if any did not take, or if the file cannot be written.
+  (WAL + NORMAL may lose a committed transaction on power loss.)
+* :meth:`Store.commit_batch` is one transaction: every record in it is stored,
+  or none is and it raises. The caller sends no positive ACK unless it returned.
+* Deduplication: at most one *accepted* message per (MSH-3, MSH-4, MSH-10)
+  (a partial unique index). A record for a key already accepted is a duplicate
+  when its bytes are identical (the stored ACK is returned, byte for byte, and
+  nothing new is stored) and a conflict otherwise (stored as rejected with the
+  205 NAK; the original row is untouched).
+* Raw bytes are stored exactly as received, for every frame, accepted or not.
+* No SQL outside this package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlite_utils
+
+ACCEPTED, REJECTED, NOT_HL7 = "accepted", "rejected", "not_hl7"
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or written; one readable line."""
+
+
+@dataclass(slots=True)
+class Inbound:
+    """One received frame, ready to commit."""
+
+    raw: bytes
+    received_at: str
+    status: str  # ACCEPTED, REJECTED or NOT_HL7
+    listener: str = ""
+    peer: str = ""
+    channel: str | None = None
+    sending_application: str = ""
+    sending_facility: str = ""
+    message_type: str = ""
+    control_id: str = ""
+    referral_id: str = ""
+    charset: str = ""
+    text: str | None = None
+    ack: bytes | None = None
+    ack_code: str | None = None
+    error: str = ""
+    # Builds the 205 NAK for a same-id-different-content conflict, given the
+    # original row's id. Called inside the transaction, so it must be pure.
+    conflict_ack: Callable[[int], tuple[bytes | None, str]] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    kind: str  # "stored", "duplicate" or "conflict"
+    message_id: int
+    ack: bytes | None
+
+
+_MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
+
+
+def _migration(fn: Callable[[sqlite_utils.Database], None]) -> Callable[[sqlite_utils.Database], None]:
+    _MIGRATIONS.append(fn)
+    return fn
+
+
+@_migration
+def _v1_messages(db: sqlite_utils.Database) -> None:
+    db["messages"].create(
+        {
+            "id": int, "received_at": str, "listener": str, "peer": str, "channel": str,
+            "status": str, "sending_application": str, "sending_facility": str,
+            "message_type": str, "control_id": str, "referral_id": str, "charset": str,
+            "raw": bytes, "raw_sha256": str, "text": str, "ack": bytes, "ack_code": str,
+            "error": str, "duplicates": int,
+        },
+        pk="id",
+        not_null={"received_at", "status", "raw", "raw_sha256"},
+        defaults={"duplicates": 0},
+    )
+    db.execute(
+        "CREATE UNIQUE INDEX messages_dedup ON messages"
+        "(sending_application, sending_facility, control_id) WHERE status = 'accepted'"
+    )
+    db["messages"].create_index(["control_id"], index_name="messages_control_id")
+    db["messages"].create_index(["referral_id"], index_name="messages_referral_id")
+    db["meta"].create({"key": str, "value": str}, pk="key")
+
+
+_INSERT = (
+    "INSERT OR IGNORE INTO messages (received_at, listener, peer, channel, status, "
+    "sending_application, sending_facility, message_type, control_id, referral_id, charset, "
+    "raw, raw_sha256, text, ack, ack_code, error) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_LIST_COLUMNS = (
+    "id, received_at, listener, peer, channel, status, sending_application, sending_facility, "
+    "message_type, control_id, referral_id, ack_code, error, duplicates, length(raw) AS size"
+)
+
+
+class Store:
+    """One SQLite file. Writes come from one thread at a time (the committer)."""
+
+    def __init__(self, conn: sqlite3.Connection, path: str) -> None:
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        self.path = path
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: str | Path, *, busy_timeout_ms: int = 5000, readonly: bool = False) -> Store:
+        path = str(path)
+        try:
+            if readonly:
+                if not Path(path).exists():
+                    raise StoreError(f"store {path} does not exist")
+                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+            else:
+                if Path(path).parent and not Path(path).parent.exists():
+                    Path(path).parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            store = cls(conn, path)
+            if not readonly:
+                store._configure()
+                store._migrate()
+                store._probe_write()
+            return store
+        except sqlite3.Error as exc:
+            raise StoreError(f"store {path}: {exc}") from None
+        except OSError as exc:
+            raise StoreError(f"store {path}: {exc.strerror or exc}") from None
+
+    def _configure(self) -> None:
+        c = self.conn
+        c.execute("PRAGMA journal_mode = WAL")
+        c.execute("PRAGMA synchronous = FULL")
+        c.execute("PRAGMA foreign_keys = ON")
+        got = self.pragmas()
+        if got["journal_mode"] != "wal":
+            raise StoreError(f"store {self.path}: journal_mode is {got['journal_mode']}, WAL required")
+        if got["synchronous"] not in (2, 3):
+            raise StoreError(f"store {self.path}: synchronous is {got['synchronous']}, FULL required")
+        if got["foreign_keys"] != 1:
+            raise StoreError(f"store {self.path}: foreign_keys could not be enabled")
+
+    def pragmas(self) -> dict[str, object]:
+        c = self.conn
+        return {
+            "journal_mode": c.execute("PRAGMA journal_mode").fetchone()[0],
+            "synchronous": c.execute("PRAGMA synchronous").fetchone()[0],
+            "foreign_keys": c.execute("PRAGMA foreign_keys").fetchone()[0],
+        }
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        for number, migration in enumerate(_MIGRATIONS[version:], start=version + 1):
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                migration(self.db)
+                self.conn.execute(f"PRAGMA user_version = {number}")
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+
+    def _probe_write(self) -> None:
+        # A read-only file opens fine and even reads; find out now, not at the
+        # first message.
+        with self._transaction():
+            self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_open', datetime('now'))")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+        self.conn.execute("COMMIT")
+
+    def commit_batch(self, records: Iterable[Inbound]) -> list[Outcome]:
+        """Store every record in one transaction (group commit). See invariants."""
+        with self._lock:
+            try:
+                with self._transaction():
+                    return [self._store_one(r) for r in records]
+            except sqlite3.Error as exc:
+                raise StoreError(f"commit failed: {exc}") from None
+
+    def _store_one(self, r: Inbound) -> Outcome:
+        c = self.conn
+        sha = hashlib.sha256(r.raw).hexdigest()
+        params = [r.received_at, r.listener, r.peer, r.channel, r.status,
+                  r.sending_application, r.sending_facility, r.message_type, r.control_id,
+                  r.referral_id, r.charset, r.raw, sha, r.text, r.ack, r.ack_code, r.error]
+        cur = c.execute(_INSERT, params)
+        if cur.rowcount == 1:
+            return Outcome("stored", cur.lastrowid, r.ack)
+        # The partial unique index refused it: this key was accepted before.
+        original_id, original_sha, original_ack = c.execute(
+            "SELECT id, raw_sha256, ack FROM messages WHERE status = 'accepted' AND "
+            "sending_application = ? AND sending_facility = ? AND control_id = ?",
+            (r.sending_application, r.sending_facility, r.control_id),
+        ).fetchone()
+        if original_sha == sha:
+            c.execute("UPDATE messages SET duplicates = duplicates + 1 WHERE id = ?", (original_id,))
+            return Outcome("duplicate", original_id, original_ack)
+        ack, ack_code = r.conflict_ack(original_id) if r.conflict_ack else (None, None)
+        params[4] = REJECTED
+        params[14] = ack
+        params[15] = ack_code
+        params[16] = (f"control id already used by message {original_id} with different content")
+        cur = c.execute(_INSERT, params)
+        return Outcome("conflict", cur.lastrowid, ack)
+
+    # -- reads -------------------------------------------------------------
+
+    def list_messages(self, *, limit: int = 50, status: str | None = None,
+                      control_id: str | None = None) -> list[dict]:
+        where, args = [], []
+        if status:
+            where.append("status = ?")
+            args.append(status)
+        if control_id:
+            where.append("control_id = ?")
+            args.append(control_id)
+        sql = f"SELECT {_LIST_COLUMNS} FROM messages"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(int(limit))
+        return [dict(row) for row in self.db.query(sql, args)]
+
+    def get_message(self, message_id: int) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM messages WHERE id = ?", [int(message_id)]))
+        return rows[0] if rows else None
+
+    def count(self, **where: str) -> int:
+        clause = " AND ".join(f"{k} = ?" for k in where) or "1"
+        return self.conn.execute(f"SELECT count(*) FROM messages WHERE {clause}",
+                                 list(where.values())).fetchone()[0]
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except sqlite3.Error:
+            pass
