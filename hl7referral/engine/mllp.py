@@ -115,9 +115,10 @@ class MLLPServerProtocol(Protocol):
                 self.log.info("frame from {peer} ended <FS> without <CR>; accepted", peer=self.peer)
             elif isinstance(event, FrameTooLarge):
                 self.factory.counts["oversized"] += 1
-                self._enqueue(self.factory.ingest.oversized(event.prefix, event.limit, self.peer))
+                # Stop reading first: the reply may close the connection at once.
                 self.transport.pauseProducing()
                 self._closing = True
+                self._enqueue(self.factory.ingest.oversized(event.prefix, event.limit, self.peer))
                 break
             if self._closing:
                 break

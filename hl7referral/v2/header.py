@@ -73,6 +73,7 @@ def _delimiters(field_sep: str, msh2: str) -> Delimiters:
 
 def split_segments(text: str) -> list[str]:
     """Split message text into segments per the module's separator rule."""
+    text = text.lstrip("\r\n")
     if "\r" in text:
         parts = text.replace("\r\n", "\r").split("\r")
     else:
@@ -184,6 +185,8 @@ def read_header(raw: bytes) -> Header:
     # latin-1 maps bytes 1:1 to code points, so delimiter positions are exact
     # whatever the charset; values are re-decoded by the caller if needed.
     line = data[:end].decode("latin-1")
+    if len(line) < 8:
+        raise BrokenHeader("MSH segment is truncated")
     field_sep = line[3]
     rest = line[4:]
     cut = rest.find(field_sep)

@@ -140,8 +140,8 @@ def _triage(payload: bytes, policy: Policy) -> Triage:
     except BrokenHeader as exc:
         return Triage("AR", errors=(Problem(102, "MSH", 2, f"unreadable encoding characters: {exc}"),))
 
-    def reject(code: int, fld: int, text: str, ack: str = "AR", **kw) -> Triage:
-        return Triage(ack, header, (Problem(code, "MSH", fld, text),), **kw)
+    def reject(code: int, fld: int, reason: str, ack: str = "AR", **kw) -> Triage:
+        return Triage(ack, header, (Problem(code, "MSH", fld, reason),), **kw)
 
     kind = header.type_and_event
     mtype = header.message_type

@@ -1,0 +1,23 @@
+import pytest
+
+from engine_process import CORPUS, SHARED, EngineProcess
+
+
+@pytest.fixture
+def engine(tmp_path):
+    """A running engine on the embedded defaults, own store, ephemeral port."""
+    e = EngineProcess.start(tmp_path)
+    yield e
+    e.stop()
+
+
+@pytest.fixture
+def corpus():
+    if not CORPUS.is_dir():
+        pytest.skip(f"shared corpus not found at {CORPUS}")
+    return CORPUS
+
+
+@pytest.fixture
+def standards():
+    return SHARED / "standards"
