@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .schema import ConfigError, locate, validate
+from .schema import ConfigError, locate, toml_error_line, validate
 
 CHANNEL_SCHEMA = {
     "name": str,
@@ -51,7 +51,7 @@ def load_channel(path: Path) -> ChannelConfig:
     except OSError as exc:
         raise ConfigError(file, 0, "", f"cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(file, getattr(exc, "lineno", 0) or 0, "", f"not valid TOML: {exc}") from None
+        raise ConfigError(file, toml_error_line(exc), "", f"not valid TOML: {exc}") from None
     validate(data, CHANNEL_SCHEMA, file=file, text=text)
     for key in ("name", "source"):
         if key not in data:

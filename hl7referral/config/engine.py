@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .channels import ChannelConfig, load_channels
-from .schema import ConfigError, validate
+from .schema import ConfigError, toml_error_line, validate
 
 DEFAULTS_NAME = "<embedded defaults>"
 
@@ -138,7 +138,7 @@ def load_engine(
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(str(path), getattr(exc, "lineno", 0) or 0, "", f"not valid TOML: {exc}") from None
+            raise ConfigError(str(path), toml_error_line(exc), "", f"not valid TOML: {exc}") from None
         source, base = str(path), path.resolve().parent
     validate(data, ENGINE_SCHEMA, file=source, text=text)
     for assignment in overrides:

@@ -29,6 +29,15 @@ class ConfigError(Exception):
         return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
 
 
+def toml_error_line(exc: Exception) -> int:
+    """The line of a TOMLDecodeError (3.11 has it only in the message)."""
+    line = getattr(exc, "lineno", None)
+    if line:
+        return line
+    m = re.search(r"line (\d+)", str(exc))
+    return int(m.group(1)) if m else 0
+
+
 _HEADER = re.compile(r"^\s*\[(\[?)\s*([A-Za-z0-9_.\-\"']+)\s*\]\]?")
 
 

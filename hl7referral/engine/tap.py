@@ -34,11 +34,18 @@ class Options(usage.Options):
         """Override one configuration key, KEY=VALUE (repeatable)."""
         self["set"].append(assignment)
 
+    def postOptions(self) -> None:
+        # Configuration errors are usage errors: twist prints them as one line.
+        try:
+            self["engine"] = load_engine(self["config"], overrides=self["set"], store=self["store"],
+                                         listen=self["listen"])
+        except ConfigError as exc:
+            raise usage.UsageError(str(exc)) from None
+
 
 def makeService(options: Options) -> EngineService:
     try:
-        config = load_engine(options["config"], overrides=options["set"], store=options["store"],
-                             listen=options["listen"])
-        return EngineService(config)
-    except (ConfigError, StoreError, EndpointError) as exc:
-        raise usage.UsageError(str(exc)) from None
+        return EngineService(options["engine"])
+    except (StoreError, EndpointError) as exc:
+        # twist does not catch errors from makeService; exit with one line.
+        raise SystemExit(f"hl7referral: {exc}") from None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hl7
 
 from . import charset
-from .header import BrokenHeader, NotHL7, read_header, split_segments
+from .header import BOM, BrokenHeader, NotHL7, read_header, split_segments
 
 
 class ParseError(ValueError):
@@ -33,7 +33,7 @@ def parse_message(raw: bytes, default_charset: str = "ascii") -> hl7.Message:
     try:
         header = read_header(raw)
         codec = charset.codec_for(header.charset, default_charset)
-        text = normalise(raw.decode(codec, errors="strict").lstrip("\ufeff"))
+        text = normalise(raw.removeprefix(BOM).decode(codec, errors="strict"))
     except (NotHL7, BrokenHeader, charset.UnknownCharset, UnicodeDecodeError) as exc:
         raise ParseError(str(exc)) from None
     d = header.delimiters
@@ -46,6 +46,3 @@ def parse_message(raw: bytes, default_charset: str = "ascii") -> hl7.Message:
     except Exception as exc:  # python-hl7 raises several types (Appendix A2)
         raise ParseError(f"{type(exc).__name__}: {exc}") from None
 
-
-def unescape(message: hl7.Message, value: str) -> str:
-    return message.unescape(value)
