@@ -68,3 +68,19 @@ def test_failed_commit_errbacks_every_record_in_the_batch(tmp_path):
     out = []
     gc.submit(rec("ok")).addCallback(out.append)
     assert out[0].kind == "stored"
+
+
+def test_idle_fires_after_the_last_commit(tmp_path):
+    store = Store.open(tmp_path / "s.db")
+    thread = ManualThread()
+    gc = GroupCommitter(store, thread)
+    fired = []
+    gc.idle().addCallback(fired.append)
+    assert fired == [None]  # nothing in flight
+    gc.submit(rec("1"))
+    gc.submit(rec("2"))
+    gc.idle().addCallback(fired.append)
+    thread.finish()
+    assert len(fired) == 1  # "2" still waits for its batch
+    thread.finish()
+    assert len(fired) == 2 and store.count() == 2

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from ..store import Inbound, Outcome, Store, StoreError
@@ -35,6 +35,7 @@ class GroupCommitter:
         self._max_batch = max_batch
         self._pending: list[tuple[Inbound, Deferred]] = []
         self._busy = False
+        self._idle_waiters: list[Deferred] = []
         self.batches = 0
         self.committed = 0
 
@@ -42,6 +43,14 @@ class GroupCommitter:
     def depth(self) -> int:
         """Records waiting for a commit (not counting the batch in flight)."""
         return len(self._pending)
+
+    def idle(self) -> "Deferred[None]":
+        """Fires once every record submitted so far has been committed (or failed)."""
+        if not self._busy and not self._pending:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._idle_waiters.append(d)
+        return d
 
     def submit(self, record: Inbound) -> "Deferred[Outcome]":
         d: Deferred = Deferred()
@@ -74,3 +83,7 @@ class GroupCommitter:
         self._busy = False
         if self._pending:
             self._flush()
+            return
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for d in waiters:
+            d.callback(None)

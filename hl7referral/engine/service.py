@@ -88,10 +88,7 @@ class EngineService(MultiService):
                 if proto.transport is not None:
                     proto.transport.loseConnection()
         # Let the commits already queued finish: their messages are on disk.
-        while self.committer.depth or self.committer._busy:
-            d = Deferred()
-            self.reactor.callLater(0.01, d.callback, None)
-            yield d
+        yield self.committer.idle()
         self.pool.stop()
         self.store.close()
 
