@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import selectors
 import signal
 import socket
 import subprocess
@@ -129,14 +130,18 @@ def test_twist_plugin_runs_the_same_service(tmp_path):
     twist = os.path.join(os.path.dirname(sys.executable), "twist")
     proc = subprocess.Popen([twist, "--log-format=text", "hl7referral", "--store", str(tmp_path / "t.db"),
                              "--listen", "tcp:0:interface=127.0.0.1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         port = None
+        seen = ""
         deadline = time.monotonic() + 20
-        while port is None and time.monotonic() < deadline and proc.poll() is None:
-            line = proc.stdout.readline()
-            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-            port = int(m.group(1)) if m else None
+        with selectors.DefaultSelector() as sel:  # never block past the deadline
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while port is None and time.monotonic() < deadline and proc.poll() is None:
+                if sel.select(timeout=0.2):
+                    seen += os.read(proc.stdout.fileno(), 4096).decode(errors="replace")
+                    m = re.search(r"listening on 127\.0\.0\.1:(\d+)", seen)
+                    port = int(m.group(1)) if m else None
         assert port, "twist hl7referral did not start listening"
         f = tmp_path / "m.hl7"
         f.write_bytes(ref_i12("TWIST1"))

@@ -83,8 +83,8 @@ def tls_options(kw: dict[str, str], base: Path) -> ssl.CertificateOptions:
         raise EndpointError("ssl: needs certKey= (certificate) and privateKey=")
     cert_path = path("certKey" if "certKey" in kw else "privateKey")
     key_path = path("privateKey" if "privateKey" in kw else "certKey")
+    cert = crypto.X509.from_cryptography(_read_certs(cert_path)[0])  # its errors name cert_path
     try:
-        cert = crypto.X509.from_cryptography(_read_certs(cert_path)[0])
         key = crypto.PKey.from_cryptography_key(
             serialization.load_pem_private_key(key_path.read_bytes(), password=None))
     except OSError as exc:
