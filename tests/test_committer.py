@@ -1,31 +1,13 @@
-from twisted.internet.defer import Deferred, succeed, fail
+from twisted.internet.defer import fail, succeed
 
 from hl7referral.engine.committer import GroupCommitter
 from hl7referral.store import ACCEPTED, Inbound, Store, StoreError
+from manual_thread import ManualThread
 
 
 def rec(cid):
     return Inbound(raw=cid.encode(), received_at="t", status=ACCEPTED, sending_application="A",
                    sending_facility="F", control_id=cid, ack=b"ack-" + cid.encode())
-
-
-class ManualThread:
-    """Runs the store call when the test says so: stands in for the writer thread's timing."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, fn, *args):
-        d = Deferred()
-        self.calls.append((fn, args, d))
-        return d
-
-    def finish(self):
-        fn, args, d = self.calls.pop(0)
-        try:
-            d.callback(fn(*args))
-        except StoreError as exc:
-            d.errback(exc)
 
 
 def test_messages_arriving_during_a_commit_share_the_next_one(tmp_path):

@@ -15,6 +15,7 @@ from hl7referral.engine.mllp import MLLPServerFactory
 from hl7referral.store import Store, StoreError
 from hl7referral.v2.framer import Frame, MLLPFramer, encode_frame
 from hl7referral.v2.header import read_header
+from manual_thread import ManualThread
 from messages import ref_i12
 
 CONFIG = load_engine()
@@ -86,19 +87,12 @@ def test_replies_resolved_out_of_order_still_leave_in_order(tmp_path):
 
 
 def test_no_ack_before_commit(tmp_path):
-    calls = []
-
-    def run(fn, *a):
-        d = Deferred()
-        calls.append((fn, a, d))
-        return d
-
-    rig = Rig(tmp_path, run=run)
+    thread = ManualThread()
+    rig = Rig(tmp_path, run=thread)
     proto, t = rig.connect()
     proto.dataReceived(encode_frame(ref_i12("W1")))
     assert t.value() == b"" and rig.store.count() == 0
-    fn, a, d = calls.pop()
-    d.callback(fn(*a))
+    thread.finish()
     assert msa(acks(t)[0]) == ("AA", "W1") and rig.store.count() == 1
 
 
@@ -225,18 +219,10 @@ def test_connection_caps(tmp_path):
 
 
 def test_backpressure_pauses_reading_until_commits_drain(tmp_path):
-    calls = []
-
-    def run(fn, *a):
-        d = Deferred()
-        calls.append((fn, a, d))
-        return d
-
-    rig = Rig(tmp_path, run=run, max_in_flight=4)
+    thread = ManualThread()
+    rig = Rig(tmp_path, run=thread, max_in_flight=4)
     proto, t = rig.connect()
     proto.dataReceived(b"".join(encode_frame(ref_i12(f"B{i}")) for i in range(6)))
     assert t.producerState == "paused"
-    while calls:
-        fn, a, d = calls.pop(0)
-        d.callback(fn(*a))
+    thread.finish_all()
     assert t.producerState == "producing" and len(acks(t)) == 6
