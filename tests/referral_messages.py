@@ -7,15 +7,12 @@ re-sending it yields the same bytes (what a retrying sender does).
 from __future__ import annotations
 
 from hl7referral.send import Result, interpret_ack
+from messages import ref_i12
 
 
 def referral(control_id: str, n: int) -> bytes:
-    return (
-        f"MSH|^~\\&|EHR|CLINIC|HL7REF|HUB|20260101120000||REF^I12^REF_I12|{control_id}|P|2.5.1\r"
-        f"RF1|P|R|MED|RP|O|REF{n}\r"
-        f"PRD|RP|Doe^Jane^^^Dr\r"
-        f"PID|1||MRN{n}^^^CLINIC^MR||Test^Pat||19700101|F\r"
-    ).encode("ascii")
+    return ref_i12(control_id, rf1=f"RF1|P|R|MED|RP|O|REF{n}",
+                   pid=f"PID|1||MRN{n}^^^CLINIC^MR||Test^Pat||19700101|F")
 
 
 def err_codes(ack: bytes) -> list[str]:
