@@ -4,18 +4,17 @@ import dataclasses
 
 import pytest
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from hl7referral.config import load_engine
-from hl7referral.engine.committer import GroupCommitter
 from hl7referral.engine.ingest import Ingest, Reply, policy_for
 from hl7referral.engine.mllp import MLLPServerFactory
-from hl7referral.store import Store, StoreError
+from hl7referral.store import Store
 from hl7referral.v2.framer import Frame, MLLPFramer, encode_frame
 from hl7referral.v2.header import read_header
-from manual_thread import ManualThread
+from committers import ManualCommitter
 from messages import ref_i12
 
 CONFIG = load_engine()
@@ -27,12 +26,11 @@ def settings(**kw):
 
 
 class Rig:
-    def __init__(self, tmp_path, run=None, **kw):
+    def __init__(self, tmp_path, auto=True, fail=None, **kw):
         self.clock = Clock()
         self.store = Store.open(tmp_path / "s.db")
         self.settings = settings(**kw)
-        run = run or (lambda fn, *a: succeed(fn(*a)))
-        self.committer = GroupCommitter(self.store, run)
+        self.committer = ManualCommitter(self.store, auto=auto, fail=fail)
         self.ingest = Ingest("main", policy_for(self.settings, CONFIG.channels), self.committer, self.clock)
         self.factory = MLLPServerFactory(self.settings, self.ingest, self.clock)
 
@@ -87,17 +85,16 @@ def test_replies_resolved_out_of_order_still_leave_in_order(tmp_path):
 
 
 def test_no_ack_before_commit(tmp_path):
-    thread = ManualThread()
-    rig = Rig(tmp_path, run=thread)
+    rig = Rig(tmp_path, auto=False)
     proto, t = rig.connect()
     proto.dataReceived(encode_frame(ref_i12("W1")))
     assert t.value() == b"" and rig.store.count() == 0
-    thread.finish()
+    rig.committer.finish()
     assert msa(acks(t)[0]) == ("AA", "W1") and rig.store.count() == 1
 
 
 def test_store_failure_is_ar_207_never_aa(tmp_path):
-    rig = Rig(tmp_path, run=lambda fn, *a: fail(StoreError("database is locked")))
+    rig = Rig(tmp_path, fail="database is locked")
     proto, t = rig.connect()
     proto.dataReceived(b"".join(encode_frame(ref_i12(f"F{i}")) for i in range(5)))
     replies = acks(t)
@@ -106,7 +103,7 @@ def test_store_failure_is_ar_207_never_aa(tmp_path):
 
 
 def test_store_failure_silent_sends_nothing_and_closes(tmp_path):
-    rig = Rig(tmp_path, run=lambda fn, *a: fail(StoreError("x")), on_store_failure="silent")
+    rig = Rig(tmp_path, fail="x", on_store_failure="silent")
     rig.ingest.on_store_failure = "silent"
     proto, t = rig.connect()
     proto.dataReceived(encode_frame(ref_i12("S1")))
@@ -219,10 +216,9 @@ def test_connection_caps(tmp_path):
 
 
 def test_backpressure_pauses_reading_until_commits_drain(tmp_path):
-    thread = ManualThread()
-    rig = Rig(tmp_path, run=thread, max_in_flight=4)
+    rig = Rig(tmp_path, auto=False, max_in_flight=4)
     proto, t = rig.connect()
     proto.dataReceived(b"".join(encode_frame(ref_i12(f"B{i}")) for i in range(6)))
     assert t.producerState == "paused"
-    thread.finish_all()
+    rig.committer.finish()
     assert t.producerState == "producing" and len(acks(t)) == 6

@@ -12,6 +12,7 @@ import pytest
 
 from engine_process import EngineProcess
 from hl7referral.send import MLLPClient, interpret_ack
+from hl7referral.store import Store
 from hl7referral.v2.framer import Frame, MLLPFramer, encode_frame
 from messages import ref_i12
 
@@ -73,9 +74,10 @@ def msa(ack: bytes) -> tuple[str, str]:
 
 
 def stored(engine, control_id):
-    db = sqlite3.connect(engine.store)
-    return db.execute("SELECT status, raw, text FROM messages WHERE control_id = ? ORDER BY id",
-                      (control_id,)).fetchall()
+    store = Store.open(engine.store, readonly=True)
+    rows = [store.get_message(r["id"]) for r in reversed(store.list_messages(control_id=control_id))]
+    store.close()
+    return [(r["status"], r["raw"], r["text"]) for r in rows]
 
 
 # -- B. framing -----------------------------------------------------------------

@@ -91,3 +91,20 @@ def test_reopen_keeps_data_and_schema_version(tmp_path):
     s.close()
     s = Store.open(tmp_path / "s.db")
     assert s.count() == 1 and s.conn.execute("PRAGMA user_version").fetchone()[0] >= 1
+
+
+def test_text_of_an_ascii_message_is_derived_from_raw(store):
+    (o,) = store.commit_batch([rec("C1", raw=b"MSH|^~\\&|A\rPID|1\r")])
+    assert store.get_message(o.message_id)["text"] == "MSH|^~\\&|A\rPID|1\r"
+
+
+def test_without_autocheckpoint_the_checkpointer_empties_the_wal(tmp_path):
+    from hl7referral.store import Checkpointer
+    s = Store.open(tmp_path / "s.db", autocheckpoint=False)
+    for i in range(50):
+        s.commit_batch([rec(f"C{i}", raw=bytes(8000))])
+    busy, frames, done = Checkpointer(tmp_path / "s.db").run("PASSIVE")
+    assert busy == 0 and frames > 0 and done == frames
+    Checkpointer(tmp_path / "s.db").run("TRUNCATE")
+    assert (tmp_path / "s.db-wal").stat().st_size == 0
+    assert s.count() == 50

@@ -1,20 +1,25 @@
 """Group commit: everything that arrives while one commit runs shares the next.
 
-One writer thread owns the SQLite connection. While it commits (and fsyncs)
-one batch, new records queue up; when it finishes, the whole queue becomes the
-next batch. Durability then costs one fsync per batch, not per message, with
-no timer and no added latency for a lone message.
+One writer thread owns the SQLite connection. The reactor puts records on a
+queue; the writer takes everything waiting there, commits it as one
+transaction (one fsync), hands the outcomes back to the reactor thread, and
+at once takes the next batch, while the reactor is still writing the ACKs of
+the last one. Durability then costs one fsync per batch, not per message,
+with no timer and no added latency for a lone message.
 
 Invariants
 ----------
 * A record's Deferred fires with its :class:`Outcome` only after the
   transaction holding it has committed; it errbacks (``StoreError``) if the
   transaction failed, and then nothing in that batch was stored.
-* Batches commit in submission order, one at a time.
+* Batches commit in submission order, one at a time; Deferreds fire in the
+  reactor thread (through ``call_from_thread``), in submission order.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -23,67 +28,96 @@ from twisted.logger import Logger
 
 from ..store import Inbound, Outcome, Store, StoreError
 
-RunInThread = Callable[..., Deferred]
+_STOP = object()
 
 
 class GroupCommitter:
     log = Logger()
 
-    def __init__(self, store: Store, run_in_thread: RunInThread, max_batch: int = 1024) -> None:
+    def __init__(self, store: Store, call_from_thread: Callable[..., Any], max_batch: int = 1024) -> None:
         self._store = store
-        self._run = run_in_thread
+        self._call = call_from_thread
         self._max_batch = max_batch
-        self._pending: list[tuple[Inbound, Deferred]] = []
-        self._busy = False
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._outstanding = 0
         self._idle_waiters: list[Deferred] = []
         self.batches = 0
         self.committed = 0
 
+    # -- reactor side ------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._writer, name="hl7referral-writer", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the writer after what is queued (blocks until it has)."""
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join()
+            self._thread = None
+
     @property
     def depth(self) -> int:
-        """Records waiting for a commit (not counting the batch in flight)."""
-        return len(self._pending)
+        """Records submitted and not yet delivered."""
+        return self._outstanding
+
+    def submit(self, record: Inbound) -> "Deferred[Outcome]":
+        d: Deferred = Deferred()
+        self._outstanding += 1
+        self._queue.put((record, d))
+        return d
 
     def idle(self) -> "Deferred[None]":
-        """Fires once every record submitted so far has been committed (or failed)."""
-        if not self._busy and not self._pending:
+        """Fires once every record submitted so far has been delivered."""
+        if not self._outstanding:
             return succeed(None)
         d: Deferred = Deferred()
         self._idle_waiters.append(d)
         return d
 
-    def submit(self, record: Inbound) -> "Deferred[Outcome]":
-        d: Deferred = Deferred()
-        self._pending.append((record, d))
-        if not self._busy:
-            self._flush()
-        return d
+    def _deliver(self, batch: list, outcomes: list[Outcome] | None, error: Exception | None) -> None:
+        self._outstanding -= len(batch)
+        if error is None:
+            self.batches += 1
+            self.committed += len(batch)
+            for (_, d), outcome in zip(batch, outcomes):
+                d.callback(outcome)
+        else:
+            exc = error if isinstance(error, StoreError) else StoreError(str(error))
+            self.log.error("store commit failed for {count} message(s): {error}", count=len(batch), error=str(exc))
+            for _, d in batch:
+                d.errback(exc)
+        if not self._outstanding and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
 
-    def _flush(self) -> None:
-        batch = self._pending[: self._max_batch]
-        del self._pending[: self._max_batch]
-        self._busy = True
-        result = self._run(self._store.commit_batch, [r for r, _ in batch])
-        result.addCallbacks(self._committed, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
-        result.addBoth(self._next)
+    # -- writer thread -----------------------------------------------------------
 
-    def _committed(self, outcomes: list[Outcome], batch: list[tuple[Inbound, Deferred]]) -> None:
-        self.batches += 1
-        self.committed += len(batch)
-        for (_, d), outcome in zip(batch, outcomes):
-            d.callback(outcome)
-
-    def _failed(self, failure: Any, batch: list[tuple[Inbound, Deferred]]) -> None:
-        exc = failure.value if isinstance(failure.value, StoreError) else StoreError(str(failure.value))
-        self.log.error("store commit failed for {count} message(s): {error}", count=len(batch), error=str(exc))
-        for _, d in batch:
-            d.errback(exc)
-
-    def _next(self, _: Any) -> None:
-        self._busy = False
-        if self._pending:
-            self._flush()
-            return
-        waiters, self._idle_waiters = self._idle_waiters, []
-        for d in waiters:
-            d.callback(None)
+    def _writer(self) -> None:
+        q = self._queue
+        while True:
+            first = q.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self._max_batch:
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            try:
+                outcomes = self._store.commit_batch([r for r, _ in batch])
+                self._call(self._deliver, batch, outcomes, None)
+            except Exception as exc:  # noqa: BLE001 - every failure must reach the senders as a NAK
+                self._call(self._deliver, batch, None, exc)
+            if stop:
+                return

@@ -132,7 +132,9 @@ class Ingest:
             sending_facility=h.sending_facility if h else "",
             message_type=h.type_and_event if h else "",
             control_id=h.control_id if h else "",
-            referral_id=t.referral_id, charset=t.codec, text=t.text,
+            referral_id=t.referral_id, charset=t.codec,
+            # ASCII text is the raw bytes again: the store derives it on read.
+            text=None if payload.isascii() else t.text,
             ack=ack, ack_code=code,
             error="; ".join(f"{p.code} {p.location}: {p.text}" for p in t.errors),
         )

@@ -12,16 +12,19 @@ from __future__ import annotations
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from ..config import EngineConfig
-from ..store import Store
+from ..store import Checkpointer, Store, StoreError
 from .committer import GroupCommitter
 from .endpoints import describe_port, is_tls, server_endpoint
 from .ingest import Ingest, policy_for
 from .mllp import MLLPServerFactory
+
+
+CHECKPOINT_INTERVAL = 1.0  # seconds between background WAL checkpoints
 
 
 class ListenError(RuntimeError):
@@ -38,10 +41,11 @@ class EngineService(MultiService):
             reactor = default_reactor
         self.reactor = reactor
         self.config = config
-        self.store = Store.open(config.store_path, busy_timeout_ms=config.busy_timeout_ms)
-        self.pool = ThreadPool(minthreads=1, maxthreads=1, name="hl7referral-store")
-        self.committer = GroupCommitter(
-            self.store, lambda f, *a: deferToThreadPool(reactor, self.pool, f, *a))
+        self.store = Store.open(config.store_path, busy_timeout_ms=config.busy_timeout_ms, autocheckpoint=False)
+        self.checkpointer = Checkpointer(config.store_path, config.busy_timeout_ms)
+        self._checkpoints = LoopingCall(self._checkpoint)
+        self._checkpoints.clock = reactor
+        self.committer = GroupCommitter(self.store, lambda f, *a: reactor.callFromThread(f, *a))
         self.listeners: list[tuple[object, MLLPServerFactory, object]] = []
         for lc in config.listeners:
             channels = config.channels_for(lc.name)
@@ -53,7 +57,8 @@ class EngineService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        self.pool.start()
+        self.committer.start()
+        self._checkpoints.start(CHECKPOINT_INTERVAL, now=False)
         attempts = []
         for lc, factory, endpoint in self.listeners:
             d = endpoint.listen(factory)
@@ -89,8 +94,22 @@ class EngineService(MultiService):
                     proto.transport.loseConnection()
         # Let the commits already queued finish: their messages are on disk.
         yield self.committer.idle()
-        self.pool.stop()
+        self.committer.stop()
+        if self._checkpoints.running:
+            self._checkpoints.stop()
+        try:
+            self.checkpointer.run("TRUNCATE")
+        except StoreError as exc:
+            self.log.warn("final checkpoint: {error}", error=str(exc))
+        self.checkpointer.close()
         self.store.close()
+
+    def _checkpoint(self):
+        # Off the reactor and off the writer thread: copying WAL frames into the
+        # database costs an fsync of its own that no commit should wait for.
+        d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.checkpointer.run)
+        d.addErrback(lambda f: self.log.warn("checkpoint: {error}", error=f.getErrorMessage()))
+        return d
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {lc.name: {**factory.ingest.counts, **factory.counts} for lc, factory, _ in self.listeners}

@@ -14,6 +14,12 @@ Invariants
   nothing new is stored) and a conflict otherwise (stored as rejected with the
   205 NAK; the original row is untouched).
 * Raw bytes are stored exactly as received, for every frame, accepted or not.
+  The decoded text is stored beside them only when it differs from the raw
+  bytes read as ASCII; :meth:`Store.get_message` always returns it.
+* Checkpoints: a store opened with ``autocheckpoint=False`` never copies WAL
+  frames into the database inside a commit (which made some commits last
+  many milliseconds); the engine runs a :class:`Checkpointer` on a second
+  connection instead.
 * No SQL outside this package.
 """
 
@@ -120,7 +126,8 @@ class Store:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, path: str | Path, *, busy_timeout_ms: int = 5000, readonly: bool = False) -> Store:
+    def open(cls, path: str | Path, *, busy_timeout_ms: int = 5000, readonly: bool = False,
+             autocheckpoint: bool = True) -> Store:
         path = str(path)
         try:
             if readonly:
@@ -135,6 +142,8 @@ class Store:
             store = cls(conn, path)
             if not readonly:
                 store._configure()
+                if not autocheckpoint:
+                    conn.execute("PRAGMA wal_autocheckpoint = 0")
                 store._migrate()
                 store._probe_write()
             return store
@@ -250,7 +259,12 @@ class Store:
 
     def get_message(self, message_id: int) -> dict | None:
         rows = list(self.db.query("SELECT * FROM messages WHERE id = ?", [int(message_id)]))
-        return rows[0] if rows else None
+        if not rows:
+            return None
+        row = rows[0]
+        if row["text"] is None and row["status"] != NOT_HL7 and row["raw"].isascii():
+            row["text"] = row["raw"].decode("ascii")
+        return row
 
     def count(self, **where: str) -> int:
         clause = " AND ".join(f"{k} = ?" for k in where) or "1"
@@ -262,3 +276,26 @@ class Store:
             self.conn.close()
         except sqlite3.Error:
             pass
+
+
+class Checkpointer:
+    """A second connection that copies WAL frames into the database.
+
+    PASSIVE never waits for the writer; TRUNCATE (at shutdown) empties the WAL.
+    Returns SQLite's (busy, frames in the WAL, frames checkpointed).
+    """
+
+    def __init__(self, path: str | Path, busy_timeout_ms: int = 5000) -> None:
+        self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+
+    def run(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
+        if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
+            raise ValueError(mode)
+        try:
+            return tuple(self.conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone())
+        except sqlite3.Error as exc:
+            raise StoreError(f"checkpoint failed: {exc}") from None
+
+    def close(self) -> None:
+        self.conn.close()
