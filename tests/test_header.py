@@ -82,6 +82,9 @@ def test_fuzz_only_declared_exceptions(data):
 @given(st.text(max_size=200))
 def test_fuzz_msh_prefixed(text):
     try:
-        read_header(b"MSH" + text.encode("utf-8"))
+        h = read_header(b"MSH" + text.encode("utf-8"))
     except (NotHL7, BrokenHeader):
-        pass
+        return
+    for n in range(20):  # every accessor works on whatever was read
+        h.field(n), h.component(n, 2)
+    h.type_and_event, h.sending_facility, h.enhanced_mode

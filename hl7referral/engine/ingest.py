@@ -15,6 +15,7 @@ Invariants
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from dataclasses import dataclass
@@ -48,26 +49,33 @@ class AckIds:
         return f"{self._prefix}{self._n}"
 
 
+@functools.lru_cache(maxsize=4)
+def _utc_second(second: int, fmt: str) -> str:
+    return time.strftime(fmt, time.gmtime(second))
+
+
 def hl7_timestamp(seconds: float) -> str:
-    return time.strftime("%Y%m%d%H%M%S+0000", time.gmtime(seconds))
+    return _utc_second(int(seconds), "%Y%m%d%H%M%S+0000")
 
 
 def iso_timestamp(seconds: float) -> str:
     ms = int((seconds % 1) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
+    return f"{_utc_second(int(seconds), '%Y-%m-%dT%H:%M:%S')}.{ms:03d}Z"
 
 
 class Ingest:
     log = Logger()
 
     def __init__(self, name: str, policy: Policy, committer: GroupCommitter, clock,
-                 on_store_failure: str = "nak", ack_ids: AckIds | None = None) -> None:
+                 on_store_failure: str = "nak", ack_ids: AckIds | None = None, trace: bool = True) -> None:
         self.name = name
         self.policy = policy
         self.committer = committer
         self.clock = clock
         self.on_store_failure = on_store_failure
         self.ids = ack_ids or AckIds()
+        # Building a filtered-out log event still costs microseconds per message.
+        self.trace = trace
         self.counts = dict(accepted=0, rejected=0, duplicate=0, conflict=0, not_hl7=0, store_failed=0)
 
     # -- frames ------------------------------------------------------------
@@ -160,8 +168,9 @@ class Ingest:
                           "(kept as #{id}, AE/205)", type=h.type_and_event, cid=h.control_id, id=outcome.message_id)
         elif t.accepted:
             self.counts["accepted"] += 1
-            self.log.debug("stored #{id} {type} {cid} -> {channel}", id=outcome.message_id,
-                           type=h.type_and_event, cid=h.control_id, channel=t.channel)
+            if self.trace:
+                self.log.debug("stored #{id} {type} {cid} -> {channel}", id=outcome.message_id,
+                               type=h.type_and_event, cid=h.control_id, channel=t.channel)
         else:
             self.counts["rejected"] += 1
             first = t.errors[0]

@@ -50,12 +50,14 @@ class MLLPServerProtocol(Protocol):
         self._closing = False
         self._tls_done = False
         self._timers: dict[str, object] = {}
+        self._last_read = 0.0
 
     # -- connection lifecycle ------------------------------------------------
 
     def connectionMade(self) -> None:
+        self._last_read = self.factory.clock.seconds()
         self._arm("first", self.settings.first_frame_timeout, "no complete message within {seconds}s of connecting")
-        self._arm("idle", self.settings.idle_timeout, "idle for {seconds}s")
+        self._arm_idle(self.settings.idle_timeout)
 
     def handshakeCompleted(self) -> None:
         self._tls_done = True
@@ -87,6 +89,21 @@ class MLLPServerProtocol(Protocol):
         if call is not None and call.active():
             call.cancel()
 
+    def _arm_idle(self, seconds: float) -> None:
+        # Armed once and moved only when it fires: re-creating a timer on every
+        # read cost more than anything else the protocol does per message.
+        if self.settings.idle_timeout:
+            self._timers["idle"] = self.factory.clock.callLater(seconds, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._timers.pop("idle", None)
+        quiet = self.factory.clock.seconds() - self._last_read
+        limit = self.settings.idle_timeout
+        if quiet >= limit:
+            self._expired("idle", f"idle for {limit:g}s")
+        else:
+            self._arm_idle(limit - quiet)
+
     def _expired(self, name: str, why: str) -> None:
         self._timers.pop(name, None)
         self.factory.counts["timeouts"] += 1
@@ -98,8 +115,7 @@ class MLLPServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        if self.settings.idle_timeout:
-            self._arm("idle", self.settings.idle_timeout, "idle for {seconds}s")
+        self._last_read = self.factory.clock.seconds()
         for event in self.framer.feed(data):
             if isinstance(event, Frame):
                 self._frames += 1

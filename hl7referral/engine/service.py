@@ -49,7 +49,8 @@ class EngineService(MultiService):
         self.listeners: list[tuple[object, MLLPServerFactory, object]] = []
         for lc in config.listeners:
             channels = config.channels_for(lc.name)
-            ingest = Ingest(lc.name, policy_for(lc, channels), self.committer, reactor, lc.on_store_failure)
+            ingest = Ingest(lc.name, policy_for(lc, channels), self.committer, reactor, lc.on_store_failure,
+                            trace=config.log_level == "debug")
             factory = MLLPServerFactory(lc, ingest, reactor, tls=is_tls(lc.endpoint))
             self.listeners.append((lc, factory, server_endpoint(reactor, lc.endpoint, lc.base_dir)))
         self.ports: list = []

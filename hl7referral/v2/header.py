@@ -83,10 +83,23 @@ def split_segments(text: str) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class Header:
-    """The fields of MSH. ``fields[n]`` is MSH-n as received (index 0 unused)."""
+    """The fields of MSH, as received (still escaped).
+
+    ``fields[n]`` is MSH-n (index 0 holds "MSH"). The values the ACK path uses
+    on every message are computed once, by :func:`read_header`.
+    """
 
     delimiters: Delimiters
     fields: tuple[str, ...]
+    message_type: str = ""
+    trigger_event: str = ""
+    structure: str = ""
+    control_id: str = ""  # kept as sent, spaces too: MSA-2 must echo it exactly
+    processing_id: str = ""
+    version: str = ""
+    accept_ack_type: str = ""
+    application_ack_type: str = ""
+    charset: str = ""
 
     def field(self, n: int) -> str:
         f = self.fields
@@ -96,7 +109,8 @@ class Header:
         value = self.field(n)
         if not value:
             return ""
-        parts = value.split(self.delimiters.component)
+        sep = self.delimiters.component
+        parts = value.split(sep) if sep else [value]
         return parts[c - 1] if c <= len(parts) else ""
 
     @property
@@ -116,47 +130,8 @@ class Header:
         return self.field(6)
 
     @property
-    def message_type(self) -> str:
-        return self.component(9, 1).strip()
-
-    @property
-    def trigger_event(self) -> str:
-        return self.component(9, 2).strip()
-
-    @property
-    def structure(self) -> str:
-        return self.component(9, 3).strip()
-
-    @property
     def type_and_event(self) -> str:
         return f"{self.message_type}^{self.trigger_event}"
-
-    @property
-    def control_id(self) -> str:
-        # A leading/trailing space (HAPI SIU sample: ' 38762') is kept as sent:
-        # MSA-2 must echo MSH-10 exactly for the sender to correlate.
-        return self.field(10)
-
-    @property
-    def processing_id(self) -> str:
-        return self.component(11, 1).strip()
-
-    @property
-    def version(self) -> str:
-        return self.component(12, 1).strip()
-
-    @property
-    def accept_ack_type(self) -> str:
-        return self.field(15).strip().upper()
-
-    @property
-    def application_ack_type(self) -> str:
-        return self.field(16).strip().upper()
-
-    @property
-    def charset(self) -> str:
-        value = self.field(18)
-        return value.split(self.delimiters.repetition)[0].strip() if value else ""
 
     @property
     def enhanced_mode(self) -> bool:
@@ -192,9 +167,31 @@ def read_header(raw: bytes) -> Header:
     cut = rest.find(field_sep)
     msh2 = rest if cut < 0 else rest[:cut]
     delims = _delimiters(field_sep, msh2)
-    values = rest.split(field_sep)
     # fields[1] = MSH-1 (the separator itself), fields[2] = MSH-2, ...
-    return Header(delims, ("MSH", field_sep, *values))
+    fields = ("MSH", field_sep, *rest.split(field_sep))
+    n = len(fields)
+
+    def get(i: int) -> str:
+        return fields[i] if i < n else ""
+
+    def split(value: str, sep: str) -> list[str]:
+        # A short MSH-2 ('^') leaves some delimiters undeclared ('').
+        return value.split(sep) if sep else [value]
+
+    comp = delims.component
+    msg_type = split(get(9), comp)
+    return Header(
+        delims, fields,
+        message_type=msg_type[0].strip(),
+        trigger_event=msg_type[1].strip() if len(msg_type) > 1 else "",
+        structure=msg_type[2].strip() if len(msg_type) > 2 else "",
+        control_id=get(10),
+        processing_id=split(get(11), comp)[0].strip(),
+        version=split(get(12), comp)[0].strip(),
+        accept_ack_type=get(15).strip().upper(),
+        application_ack_type=get(16).strip().upper(),
+        charset=split(get(18), delims.repetition)[0].strip(),
+    )
 
 
 def _describe(data: bytes) -> str:

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 
 from . import charset
-from .header import BrokenHeader, Header, NotHL7, read_header, split_segments
+from .header import BrokenHeader, Header, NotHL7, read_header
 
 DEFAULT_VERSIONS = frozenset(
     "2.1 2.2 2.3 2.3.1 2.4 2.5 2.5.1 2.6 2.7 2.7.1 2.8 2.8.1 2.8.2 2.9".split()
@@ -65,9 +65,10 @@ class Policy:
         return cls({k: (((), v),) for k, v in routes.items()}, **kw)
 
     def route(self, kind: str, msh4: str, component_sep: str = "^") -> str | None:
-        parts = set(msh4.split(component_sep)) | {msh4}
         for facilities, channel in self.routes.get(kind, ()):
-            if not facilities or parts.intersection(facilities):
+            if not facilities:
+                return channel
+            if msh4 in facilities or any(p in facilities for p in msh4.split(component_sep) if p):
                 return channel
         return None
 
@@ -177,23 +178,33 @@ def _triage(payload: bytes, policy: Policy) -> Triage:
         return reject(104, 10, f"MSH-10 is {len(control_id)} characters (max {MAX_CONTROL_ID})",
                       "AE", channel=channel, codec=codec, text=text)
 
-    segments = _index(split_segments(text), header.delimiters.field)
+    # Look up only the segments the rules name (first occurrence of each);
+    # splitting a 64 KB message into every segment costs more than the rest.
+    seg_sep = "\r" if "\r" in text else "\n"
+    body = text.replace("\r\n", "\r") if seg_sep == "\r" and "\r\n" in text else text
+    found: dict[str, list[str] | None] = {"MSH": list(header.fields)}
+
+    def fields_of(seg: str) -> list[str] | None:
+        if seg not in found:
+            found[seg] = _segment(body, seg, header.delimiters.field, seg_sep)
+        return found[seg]
+
     errors: list[Problem] = []
     for rule in REQUIRED.get(kind, ()):
         alternatives = rule if isinstance(rule[0], tuple) else (rule,)
-        if not any(_present(segments, seg, fld) for seg, fld, _ in alternatives):
+        if not any(_present(fields_of(seg), fld) for seg, fld, _ in alternatives):
             seg, fld, what = alternatives[0]
             names = " or ".join(f"{s}-{f}" if f else s for s, f, _ in alternatives)
             errors.append(Problem(101, seg, fld, f"required {what} missing ({names})"))
             if fld == 0:
                 break  # the segment's fields would only repeat the same problem
     for seg, fld in _TIMESTAMPS:
-        value = _value(segments, seg, fld).split(header.delimiters.component)[0]
+        value = _value(fields_of(seg), fld).split(header.delimiters.component)[0]
         if value and not _valid_ts(value):
             errors.append(Problem(102, seg, fld, f"{seg}-{fld} is not a valid timestamp"))
     referral_id = ""
     for seg, fld in REFERRAL_ID.get(kind, ()):
-        referral_id = _value(segments, seg, fld).split(header.delimiters.repetition)[0]
+        referral_id = _value(fields_of(seg), fld).split(header.delimiters.repetition)[0]
         if referral_id:
             break
     if errors:
@@ -202,31 +213,28 @@ def _triage(payload: bytes, policy: Policy) -> Triage:
     return Triage("AA", header, channel=channel, codec=codec, text=text, referral_id=referral_id)
 
 
-def _index(segments: list[str], field_sep: str) -> dict[str, list[str]]:
-    """First occurrence of each segment id -> its fields (MSH shifted so MSH-n is [n])."""
-    out: dict[str, list[str]] = {}
-    for seg in segments:
-        name = seg[:3]
-        if name in out:
-            continue
-        fields = seg.split(field_sep)
-        if name == "MSH":
-            fields.insert(1, field_sep)
-        out[name] = fields
-    return out
+def _segment(body: str, name: str, field_sep: str, seg_sep: str) -> list[str] | None:
+    """Fields of the first ``name`` segment (not MSH) in ``body``, or None."""
+    i = body.find(seg_sep + name + field_sep)
+    if i < 0:
+        bare = seg_sep + name
+        j = body.find(bare + seg_sep)
+        return [name] if j >= 0 or body.endswith(bare) else None
+    start = i + len(seg_sep)
+    end = body.find(seg_sep, start)
+    return body[start:end if end >= 0 else len(body)].split(field_sep)
 
 
-def _value(segments: dict[str, list[str]], seg: str, fld: int) -> str:
-    fields = segments.get(seg)
+def _value(fields: list[str] | None, fld: int) -> str:
     if fields is None or fld >= len(fields):
         return ""
     return fields[fld]
 
 
-def _present(segments: dict[str, list[str]], seg: str, fld: int) -> bool:
+def _present(fields: list[str] | None, fld: int) -> bool:
     if fld == 0:
-        return seg in segments
-    value = _value(segments, seg, fld).strip()
+        return fields is not None
+    value = _value(fields, fld).strip()
     return bool(value) and value != '""'
 
 
