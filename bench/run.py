@@ -337,7 +337,8 @@ def print_tables(results: list[dict], idle: list[dict]) -> None:
               f"{fmt(r['p99_ms']):>8} {fmt(r['p999_ms']):>9} {fmt(r['max_ms'], 1):>8} {r['errors']:>6} {ratio:>12}")
     print()
     print(f"{'scenario':<16} {'server':<11} {'CPU %':>6} {'main thr':>9} {'other thr':>9} "
-          f"{'CPU us/msg':>10} {'client CPU %':>12} {'other CPU %':>11} {'peak RSS MB':>11} {'MB/s in':>8} {'stored':>9}")
+          f"{'CPU us/msg':>10} {'client CPU %':>12} {'other CPU %':>11} {'peak RSS MB':>11} "
+          f"{'MB/s in':>8} {'stored':>9}")
     for r in results:
         stored = ""
         if "stored_accepted" in r:
@@ -447,6 +448,7 @@ def main() -> int:
     try:
         if not a.skip_peer:
             peer = peer_server(base / "peer").start()
+
         def quiet() -> None:
             if a.wait_quiet > 0 and wait_quiet(a.wait_quiet) is None:
                 print(f"  (machine still busy after waiting {a.wait_quiet:g} s; running anyway)", flush=True)

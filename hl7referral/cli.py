@@ -119,7 +119,8 @@ def serve(config, store, overrides, listen) -> None:
 @click.option("--port", default=2575, show_default=True, type=int)
 @click.option("--timeout", default=10.0, show_default=True, type=float, help="Seconds to wait for each ACK.")
 @click.option("--tls", is_flag=True, help="Use TLS (1.2 or later).")
-@click.option("--ca", type=click.Path(exists=True, dir_okay=False), help="Trust roots (PEM) for the server certificate.")
+@click.option("--ca", type=click.Path(exists=True, dir_okay=False),
+              help="Trust roots (PEM) for the server certificate.")
 @click.option("--cert", type=click.Path(exists=True, dir_okay=False), help="Client certificate (PEM) for mutual TLS.")
 @click.option("--key", type=click.Path(exists=True, dir_okay=False), help="Private key (PEM) of --cert.")
 @click.option("--server-name", help="Name to verify in the server certificate (default: --host).")

@@ -78,9 +78,11 @@ def test_each_sample_gets_the_right_answer(engine, corpus, name):
         msa = fields(ack, "MSA")
         assert msa[1] == code and msa[2] == header.control_id
         msh = fields(ack, "MSH")
-        assert (msh[3], msh[4], msh[5], msh[6]) == (header.receiving_application, header.receiving_facility,
-                                                   header.sending_application, header.sending_facility)
-        assert msh[2] == header.delimiters.msh2 and msh[1] == header.delimiters.field  # the sender's own encoding characters
+        h = header
+        mirrored = (h.receiving_application, h.receiving_facility, h.sending_application, h.sending_facility)
+        assert (msh[3], msh[4], msh[5], msh[6]) == mirrored
+        # the sender's own delimiters and encoding characters
+        assert msh[2] == h.delimiters.msh2 and msh[1] == h.delimiters.field
         if err:
             d = header.delimiters
             errseg = fields(ack, "ERR")

@@ -140,7 +140,8 @@ def test_not_hl7_frame_gets_no_ack_is_kept_and_closes(tmp_path):
     assert rig.store.count(status="not_hl7") == 1
 
 
-@pytest.mark.parametrize("hello", [b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"])
+@pytest.mark.parametrize("hello", [b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+                                   b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"])
 def test_tls_hello_or_http_on_plain_port_is_closed_without_ack(tmp_path, hello):
     rig = Rig(tmp_path)
     proto, t = rig.connect()

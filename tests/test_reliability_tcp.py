@@ -128,8 +128,8 @@ def test_15_vt_inside_open_frame_and_frame_without_vt(engine):
     c.close()
 
 
-@pytest.mark.parametrize("name, sep, lead", [("cr", "\r", ""), ("lf", "\n", ""), ("crlf", "\r\n", ""),
-                                              ("crcr", "\r\r", ""), ("lead", "\r", "\n")])
+@pytest.mark.parametrize("name, sep, lead", [
+    ("cr", "\r", ""), ("lf", "\n", ""), ("crlf", "\r\n", ""), ("crcr", "\r\r", ""), ("lead", "\r", "\n")])
 def test_16_segment_separators_parse_and_raw_bytes_are_kept(engine, name, sep, lead):
     raw = lead.encode() + ref_i12(f"T16{name}", sep=sep)
     with MLLPClient(engine.host, engine.port, timeout=5) as client:

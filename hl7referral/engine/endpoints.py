@@ -115,7 +115,8 @@ def tls_options(kw: dict[str, str], base: Path) -> ssl.CertificateOptions:
     require = kw.get("requireClientCert", "yes").lower() in ("yes", "true", "1")
     options: dict = dict(privateKey=key, certificate=cert, extraCertChain=chain, raiseMinimumTo=minimum, crls=crls)
     if roots and require:
-        options["trustRoot"] = ssl.trustRootFromCertificates([ssl.Certificate(crypto.X509.from_cryptography(c)) for c in roots])
+        options["trustRoot"] = ssl.trustRootFromCertificates(
+            [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in roots])
     elif roots:
         # Verify a certificate when one is offered, but do not demand one.
         options.update(verify=True, caCerts=[crypto.X509.from_cryptography(c) for c in roots], requireCertificate=False)
@@ -160,4 +161,3 @@ def describe_port(port) -> str:
     addr = port.getHost()
     host = getattr(addr, "host", None)
     return f"{host}:{addr.port}" if host is not None else str(getattr(addr, "name", addr))
-

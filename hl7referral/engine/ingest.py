@@ -20,7 +20,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from ..store import ACCEPTED, NOT_HL7, REJECTED, Inbound, Outcome

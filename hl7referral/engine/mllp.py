@@ -230,7 +230,8 @@ class MLLPServerFactory(Factory):
             return None
         if self.per_peer.get(host, 0) >= self.settings.max_connections_per_peer:
             self.counts["refused"] += 1
-            self.log.warn("refusing {peer}: per-peer limit {n} reached", peer=host, n=self.settings.max_connections_per_peer)
+            self.log.warn("refusing {peer}: per-peer limit {n} reached", peer=host,
+                          n=self.settings.max_connections_per_peer)
             return None
         proto = MLLPServerProtocol(self, host)
         self.connections.add(proto)

@@ -45,4 +45,3 @@ def parse_message(raw: bytes, default_charset: str = "ascii") -> hl7.Message:
         return hl7.parse(text)
     except Exception as exc:  # python-hl7 raises several types (Appendix A2)
         raise ParseError(f"{type(exc).__name__}: {exc}") from None
-

@@ -130,7 +130,8 @@ def triage(payload: bytes, policy: Policy) -> Triage:
     try:
         return _triage(payload, policy)
     except Exception as exc:  # noqa: BLE001 - the invariant is "never raises"
-        return Triage("AR", errors=(Problem(207, "MSH", 0, f"internal error reading the message: {type(exc).__name__}"),))
+        reason = f"internal error reading the message: {type(exc).__name__}"
+        return Triage("AR", errors=(Problem(207, "MSH", 0, reason),))
 
 
 def _triage(payload: bytes, policy: Policy) -> Triage:
