@@ -1,6 +1,7 @@
 import pytest
 
 from engine_process import CORPUS, SHARED, EngineProcess
+from hl7referral.store import Store
 
 
 @pytest.fixture
@@ -21,3 +22,11 @@ def corpus():
 @pytest.fixture
 def standards():
     return SHARED / "standards"
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A fresh store (the real SQLite file) for unit tests."""
+    s = Store.open(tmp_path / "s.db")
+    yield s
+    s.close()

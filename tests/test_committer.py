@@ -3,10 +3,8 @@
 import queue
 import threading
 
-import pytest
-
 from hl7referral.engine.committer import GroupCommitter
-from hl7referral.store import ACCEPTED, Inbound, Store, StoreError
+from hl7referral.store import ACCEPTED, Inbound, StoreError
 
 
 def rec(cid):
@@ -43,13 +41,6 @@ class GatedStore:
         self.gate.wait(10)
         self.batch_sizes.append(len(records))
         return self.store.commit_batch(records)
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store.open(tmp_path / "s.db")
-    yield s
-    s.close()
 
 
 def test_messages_arriving_during_a_commit_share_the_next_one(store):

@@ -10,13 +10,6 @@ def rec(cid="C1", raw=b"MSH|x", status=ACCEPTED, ack=b"ACK-1", **kw):
                    sending_facility="CLINIC", message_type="REF^I12", control_id=cid, ack=ack, ack_code="AA", **kw)
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store.open(tmp_path / "s.db")
-    yield s
-    s.close()
-
-
 def test_pragmas_are_durable(store):
     assert store.pragmas() == {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1}
 
