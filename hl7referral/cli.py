@@ -218,6 +218,152 @@ def messages_show(config, store, overrides, as_json, message_id) -> None:
         click.echo(ack.decode("latin-1").replace("\r", "\n").rstrip())
 
 
+# -- channels, map, documents, alerts ------------------------------------------------
+
+
+@main.group()
+def channels() -> None:
+    """The configured channels."""
+
+
+@channels.command("list")
+@config_options
+@click.option("--json", "as_json", is_flag=True)
+@readable_errors
+def channels_list(config, store, overrides, as_json) -> None:
+    """One line per channel: listener, message types, mapping, ACK mode, destination, transports."""
+    cfg = _load(config, store, overrides)
+    rows = [{"name": c.name, "listener": c.listener, "accept": list(c.accept), "mapping": c.mapping,
+             "ack_mode": c.ack_mode, "destination": _destination_text(c), "transports": list(c.transports),
+             "sending_facilities": list(c.sending_facilities), "file": c.file} for c in cfg.channels]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['name']:<10} {r['listener']:<6} {','.join(r['accept']):<10} mapping={r['mapping'] or '-':<9} "
+                   f"ack={r['ack_mode']:<13} to={r['destination'] or '-'} via={','.join(r['transports']) or '-'}")
+
+
+def _destination_text(c) -> str:
+    if c.destination_by == "named":
+        return c.destination_name
+    if c.destination_by == "specialty":
+        return f"specialty:{c.destination_specialty or 'by requested service'}"
+    return "npi:referred-to provider" if c.destination_by == "npi" else ""
+
+
+@main.command("map")
+@config_options
+@click.option("--channel", "channel_name", help="Channel whose mapping to use (default: by message type).")
+@click.option("--validate", "validate_only", is_flag=True,
+              help="Print the validation report (CDA schema, C-CDA R2.1 Schematron) instead of the document.")
+@click.argument("message", type=click.Path(exists=True, dir_okay=False))
+@readable_errors
+def map_command(config, store, overrides, channel_name, validate_only, message) -> None:
+    """Map MESSAGE to a C-CDA Referral Note and print it (or, with --validate, the report).
+
+    Exit status 1 when a required field is missing, no destination is found or
+    the document does not validate.
+    """
+    from .cda.pipeline import Pipeline
+    from .v2.header import read_header
+
+    cfg = _load(config, store, overrides)
+    raws = read_messages(message)
+    if not raws:
+        fail(f"{message}: no HL7 message found")
+    raw = raws[0]
+    if channel_name:
+        channel = next((c for c in cfg.channels if c.name == channel_name), None)
+        if channel is None:
+            fail(f"no channel named {channel_name!r} (have: {', '.join(c.name for c in cfg.channels)})")
+    else:
+        kind = read_header(raw).type_and_event
+        channel = next((c for c in cfg.channels if kind in c.accept and c.mapping), None)
+        if channel is None:
+            fail(f"{message}: no channel with a mapping takes {kind}; name one with --channel")
+    if not channel.mapping:
+        fail(f"channel {channel.name} has no mapping")
+    validator = None
+    if cfg.standards_dir is not None:
+        from .cda.validate import Validator
+        validator = Validator(cfg.standards_dir)
+    pipeline = Pipeline(cfg.mappings, cfg.directory, validator)
+    result = pipeline.run(raw, channel)
+    if validate_only:
+        for reason in result.reasons:
+            click.echo(f"{message}: {reason}")
+        if result.status == "ready":
+            click.echo(f"{message}: valid (CDA schema, C-CDA R2.1 errors phase, Referral Note rules fired); "
+                       f"referral {result.referral_id} to {result.destination.name}")
+    else:
+        if result.document is not None:
+            click.echo(result.document.decode("utf-8"), nl=False)
+        for reason in result.reasons:
+            click.echo(f"hl7referral: {reason}", err=True)
+    sys.exit(0 if result.status == "ready" else 1)
+
+
+@main.group()
+def documents() -> None:
+    """The Referral Notes built from accepted messages: ready to send, or parked with reasons."""
+
+
+@documents.command("list")
+@config_options
+@click.option("--status", type=click.Choice(["ready", "parked"]))
+@click.option("--limit", default=50, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True)
+@readable_errors
+def documents_list(config, store, overrides, status, limit, as_json) -> None:
+    """The newest documents: id, message, channel, referral id, status, destination or reasons."""
+    rows = _open_store(config, store, overrides).list_documents(limit=limit, status=status)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        dest = json.loads(r["destination"] or "{}").get("name", "-")
+        tail = f"to {dest}" if r["status"] == "ready" else (r["reasons"] or "").replace("\n", "; ")
+        click.echo(f"{r['id']:>6}  #{r['message_id']:<6} {r['channel']:<9} {r['referral_id'] or '-':<28} "
+                   f"{r['status']:<7} {tail}")
+
+
+@documents.command("show")
+@config_options
+@click.argument("document_id", type=int)
+@readable_errors
+def documents_show(config, store, overrides, document_id) -> None:
+    """Print one document's XML (or, for a parked one without XML, its reasons)."""
+    row = _open_store(config, store, overrides).get_document(document_id)
+    if row is None:
+        fail(f"no document #{document_id}", 1)
+    if row["xml"]:
+        click.echo(row["xml"].decode("utf-8"), nl=False)
+    if row["status"] != "ready":
+        click.echo(f"hl7referral: parked: {row['reasons']}", err=True)
+
+
+@main.group()
+def alerts() -> None:
+    """Alerts raised for coordinators (a parked referral, ...)."""
+
+
+@alerts.command("list")
+@config_options
+@click.option("--limit", default=50, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True)
+@readable_errors
+def alerts_list(config, store, overrides, limit, as_json) -> None:
+    """The newest alerts: when, kind, referral id, owner, text."""
+    rows = _open_store(config, store, overrides).list_alerts(limit=limit)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['id']:>6}  {r['created_at']}  {r['kind']:<22} {r['referral_id'] or '-':<24} "
+                   f"{r['owner']:<12} {r['text']}")
+
+
 # -- check -----------------------------------------------------------------------
 
 
@@ -238,5 +384,9 @@ def check(config, store, overrides, listen) -> None:
     parent = cfg.store_path.resolve().parent
     if not parent.exists() or not os.access(parent, os.W_OK):
         raise ConfigError(cfg.source, 0, "store.path", f"directory {parent} is not writable")
-    click.echo(f"ok: {cfg.source}: {len(cfg.listeners)} listener(s), {len(cfg.channels)} channel(s) "
-               f"from {cfg.channels_dir}; store {cfg.store_path}")
+    if cfg.standards_dir is None and any(c.mapping for c in cfg.channels):
+        click.echo("hl7referral: warning: no standards directory ([standards] dir): documents cannot be "
+                   "validated and will be parked", err=True)
+    click.echo(f"ok: {cfg.source}: {len(cfg.listeners)} listener(s), {len(cfg.channels)} channel(s), "
+               f"{len(cfg.mappings)} mapping(s), {len(cfg.directory.specialists) if cfg.directory else 0} "
+               f"specialist(s) from {cfg.channels_dir}; store {cfg.store_path}")

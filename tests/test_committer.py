@@ -111,3 +111,18 @@ def test_stop_commits_what_is_queued_first(store):
     gc.start()
     gc.stop()
     assert store.count() == 10
+
+
+def test_jobs_run_on_the_writer_thread_in_order(store):
+    pump = Pump()
+    gc = GroupCommitter(store, pump)
+    seen = []
+    gc.submit(rec("1"))
+    gc.run(lambda s: (seen.append((threading.current_thread().name, s.count())), "done")[1]).addCallback(seen.append)
+    gc.submit(rec("2"))
+    gc.start()
+    while len(seen) < 2 or gc.depth:
+        pump.run(1)
+    gc.stop()
+    assert seen == [("hl7referral-writer", 1), "done"]  # the job saw "1" committed and not "2"
+    assert store.count() == 2

@@ -16,11 +16,15 @@ from pathlib import Path
 
 from .schema import ConfigError, locate, toml_error_line, validate
 
+TRANSPORTS = ("direct", "fax")
 CHANNEL_SCHEMA = {
     "name": str,
     "description": str,
+    "mapping": str,
+    "transports": [TRANSPORTS],
     "source": {"listener": str, "accept": [str], "sending_facilities": [str]},
-    "ack": {"mode": ("after-store",)},
+    "ack": {"mode": ("after-store", "after-mapping")},
+    "destination": {"by": ("named", "specialty", "npi"), "name": str, "specialty": str},
 }
 _KIND = re.compile(r"^[A-Z][A-Z0-9]{2}\^[A-Z0-9]{3}$")
 
@@ -34,6 +38,11 @@ class ChannelConfig:
     sending_facilities: tuple[str, ...] = ()
     ack_mode: str = "after-store"
     description: str = ""
+    mapping: str | None = None
+    transports: tuple[str, ...] = ()
+    destination_by: str = ""
+    destination_name: str = ""
+    destination_specialty: str = ""
     text: str = dataclasses.field(default="", repr=False, compare=False)
 
     def line_of(self, key: str) -> int:
@@ -66,12 +75,24 @@ def load_channel(path: Path) -> ChannelConfig:
         if not _KIND.match(kind):
             raise ConfigError(file, locate(text, "source.accept"), "source.accept",
                               f"{kind!r} is not TYPE^EVENT (e.g. REF^I12)")
+    ack_mode = data.get("ack", {}).get("mode", "after-store")
+    if ack_mode == "after-mapping" and "mapping" not in data:
+        raise ConfigError(file, locate(text, "ack.mode"), "ack.mode", "after-mapping needs a mapping = \"...\"")
+    dest = data.get("destination", {})
+    by = dest.get("by", "")
+    if dest and not by:
+        raise ConfigError(file, locate(text, "destination"), "destination.by", "required: named, specialty or npi")
+    if by == "named" and not dest.get("name"):
+        raise ConfigError(file, locate(text, "destination.by"), "destination.name", "by = \"named\" needs a name")
     return ChannelConfig(
         name=data["name"], file=file, listener=source["listener"],
         accept=tuple(source["accept"]),
         sending_facilities=tuple(source.get("sending_facilities", ())),
-        ack_mode=data.get("ack", {}).get("mode", "after-store"),
+        ack_mode=ack_mode,
         description=data.get("description", ""), text=text,
+        mapping=data.get("mapping"), transports=tuple(data.get("transports", ())),
+        destination_by=by, destination_name=dest.get("name", ""),
+        destination_specialty=dest.get("specialty", ""),
     )
 
 

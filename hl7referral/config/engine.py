@@ -17,7 +17,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..cda.mapping import load_mappings
 from .channels import ChannelConfig, load_channels
+from .directory import Directory, load_directory
 from .schema import ConfigError, toml_error_line, validate
 
 DEFAULTS_NAME = "<embedded defaults>"
@@ -42,6 +44,8 @@ ENGINE_SCHEMA = {
     "store": {"path": str, "busy_timeout_ms": int},
     "log": {"level": ("debug", "info", "warn", "error")},
     "channels": {"dir": str},
+    "mappings": {"dir": str},
+    "standards": {"dir": str},
     "listeners": [LISTENER_SCHEMA],
 }
 
@@ -74,6 +78,10 @@ class EngineConfig:
     channels_dir: Path
     listeners: tuple[ListenerConfig, ...]
     channels: tuple[ChannelConfig, ...] = field(default=())
+    mappings_dir: Path | None = None
+    mappings: dict = field(default_factory=dict)
+    directory: Directory | None = None
+    standards_dir: Path | None = None
 
     def channels_for(self, listener: str) -> list[ChannelConfig]:
         return [c for c in self.channels if c.listener == listener]
@@ -84,12 +92,18 @@ def _defaults() -> tuple[dict[str, Any], str]:
     return tomllib.loads(text), text
 
 
-def bundled_channels_dir() -> Path:
-    """The sample channels: in the checkout (editable install), else installed data."""
-    checkout = Path(__file__).resolve().parents[2] / "channels"
+def bundled_dir(name: str) -> Path:
+    """Sample channels or mappings: in the checkout (editable install), else installed data."""
+    checkout = Path(__file__).resolve().parents[2] / name
     if checkout.is_dir():
         return checkout
-    return Path(sys.prefix) / "share" / "hl7referral" / "channels"
+    return Path(sys.prefix) / "share" / "hl7referral" / name
+
+
+def default_standards_dir() -> Path | None:
+    """../shared/standards beside the checkout, where the project's standards live."""
+    candidate = Path(__file__).resolve().parents[3] / "shared" / "standards"
+    return candidate if candidate.is_dir() else None
 
 
 def _parse_value(raw: str) -> Any:
@@ -168,8 +182,16 @@ def load_engine(
     store_cfg = {**defaults["store"], **data.get("store", {})}
     store_path = Path(store) if store else _resolve(base, store_cfg["path"])
     channels_dir_value = {**defaults["channels"], **data.get("channels", {})}["dir"]
-    channels_dir = _resolve(base, channels_dir_value) if channels_dir_value else bundled_channels_dir()
+    channels_dir = _resolve(base, channels_dir_value) if channels_dir_value else bundled_dir("channels")
     channels = load_channels(channels_dir)
+    mappings_value = {**defaults["mappings"], **data.get("mappings", {})}["dir"]
+    mappings_dir = _resolve(base, mappings_value) if mappings_value else bundled_dir("mappings")
+    mappings = load_mappings(mappings_dir) if any(c.mapping for c in channels) else {}
+    directory = load_directory(channels_dir / "directory.toml")
+    standards_value = {**defaults["standards"], **data.get("standards", {})}["dir"]
+    standards_dir = _resolve(base, standards_value) if standards_value else default_standards_dir()
+    for ch in channels:
+        _check_channel(ch, mappings, directory)
     known = {lc.name for lc in listeners}
     # With --listen, every channel goes to the (renamed) first listener.
     for ch in channels:
@@ -186,7 +208,26 @@ def load_engine(
         channels_dir=channels_dir,
         listeners=tuple(listeners),
         channels=tuple(channels),
+        mappings_dir=mappings_dir,
+        mappings=mappings,
+        directory=directory,
+        standards_dir=standards_dir,
     )
+
+
+def _check_channel(ch: ChannelConfig, mappings: dict, directory: Directory) -> None:
+    if ch.mapping:
+        m = mappings.get(ch.mapping)
+        if m is None:
+            raise ConfigError(ch.file, ch.line_of("mapping"), "mapping",
+                              f"no mapping named {ch.mapping!r} (have: {', '.join(sorted(mappings)) or 'none'})")
+        uncovered = [k for k in ch.accept if m.messages and k not in m.messages]
+        if uncovered:
+            raise ConfigError(ch.file, ch.line_of("mapping"), "mapping",
+                              f"mapping {ch.mapping!r} is for {', '.join(m.messages)}, not {', '.join(uncovered)}")
+    if ch.destination_by == "named" and directory.by_name(ch.destination_name) is None:
+        raise ConfigError(ch.file, ch.line_of("destination.name"), "destination.name",
+                          f"{ch.destination_name!r} is not in {directory.file}")
 
 
 def _resolve(base: Path, value: str) -> Path:

@@ -14,6 +14,9 @@ Invariants
   transaction failed, and then nothing in that batch was stored.
 * Batches commit in submission order, one at a time; Deferreds fire in the
   reactor thread (through ``call_from_thread``), in submission order.
+* Other writes (:meth:`GroupCommitter.run`: a document, an alert) run on the
+  same thread, in their place in that order, each as its own transaction:
+  the store has one writer.
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ from twisted.logger import Logger
 from ..store import Inbound, Outcome, Store, StoreError
 
 _STOP = object()
+
+
+class _Job:
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[Store], Any]) -> None:
+        self.fn = fn
 
 
 class GroupCommitter:
@@ -70,6 +80,27 @@ class GroupCommitter:
         self._queue.put((record, d))
         return d
 
+    def run(self, fn: Callable[[Store], Any]) -> Deferred:
+        """Run ``fn(store)`` on the writer thread; the Deferred fires with its result."""
+        d: Deferred = Deferred()
+        self._outstanding += 1
+        self._queue.put((_Job(fn), d))
+        return d
+
+    def _deliver_job(self, d: Deferred, result: Any, error: Exception | None) -> None:
+        self._outstanding -= 1
+        if error is None:
+            d.callback(result)
+        else:
+            d.errback(error)
+        self._notify_idle()
+
+    def _notify_idle(self) -> None:
+        if not self._outstanding and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                d.callback(None)
+
     def idle(self) -> "Deferred[None]":
         """Fires once every record submitted so far has been delivered."""
         if not self._outstanding:
@@ -90,10 +121,7 @@ class GroupCommitter:
             self.log.error("store commit failed for {count} message(s): {error}", count=len(batch), error=str(exc))
             for _, d in batch:
                 d.errback(exc)
-        if not self._outstanding and self._idle_waiters:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for d in waiters:
-                d.callback(None)
+        self._notify_idle()
 
     # -- writer thread -----------------------------------------------------------
 
@@ -103,9 +131,9 @@ class GroupCommitter:
             first = q.get()
             if first is _STOP:
                 return
-            batch = [first]
+            items = [first]
             stop = False
-            while len(batch) < self._max_batch:
+            while len(items) < self._max_batch:
                 try:
                     item = q.get_nowait()
                 except queue.Empty:
@@ -113,11 +141,32 @@ class GroupCommitter:
                 if item is _STOP:
                     stop = True
                     break
-                batch.append(item)
-            try:
-                outcomes = self._store.commit_batch([r for r, _ in batch])
-                self._call(self._deliver, batch, outcomes, None)
-            except Exception as exc:  # noqa: BLE001 - every failure must reach the senders as a NAK
-                self._call(self._deliver, batch, None, exc)
+                items.append(item)
+            # Consecutive records share one commit; a job runs alone, in its place.
+            batch: list = []
+            for item in items:
+                if isinstance(item[0], _Job):
+                    self._commit(batch)
+                    batch = []
+                    self._job(*item)
+                else:
+                    batch.append(item)
+            self._commit(batch)
             if stop:
                 return
+
+    def _commit(self, batch: list) -> None:
+        if not batch:
+            return
+        try:
+            outcomes = self._store.commit_batch([r for r, _ in batch])
+            self._call(self._deliver, batch, outcomes, None)
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the senders as a NAK
+            self._call(self._deliver, batch, None, exc)
+
+    def _job(self, job: _Job, d: Deferred) -> None:
+        try:
+            result = job.fn(self._store)
+            self._call(self._deliver_job, d, result, None)
+        except Exception as exc:  # noqa: BLE001 - the caller's errback decides
+            self._call(self._deliver_job, d, None, exc)

@@ -15,6 +15,7 @@ Invariants
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import secrets
 import time
@@ -76,6 +77,8 @@ class Ingest:
         self.ids = ack_ids or AckIds()
         # Building a filtered-out log event still costs microseconds per message.
         self.trace = trace
+        self.processor = None  # set by the service when channels have mappings
+        self.after_mapping: set[str] = set()
         self.counts = dict(accepted=0, rejected=0, duplicate=0, conflict=0, not_hl7=0, store_failed=0)
 
     # -- frames ------------------------------------------------------------
@@ -92,11 +95,26 @@ class Ingest:
             d = self.committer.submit(record)
             d.addErrback(lambda _: None)
             return d.addCallback(lambda _: Reply(None, close=True))
+        if t.accepted and self.processor is not None and t.channel in self.after_mapping:
+            # ACK after mapping: a referral missing a required field is refused
+            # now (AE naming the field), not parked after an AA.
+            d = self.processor.premap(t.channel, payload)
+            d.addCallback(self._mapped, t, payload, now, peer)
+            return d
+        return self._commit(t, payload, now, peer)
+
+    def _mapped(self, missing, t: Triage, payload: bytes, now: float, peer: str) -> "Deferred[Reply]":
+        if missing:
+            problems = tuple(Problem(101, m.segment or "MSH", m.field, m.text) for m in missing)
+            t = dataclasses.replace(t, code="AE", errors=problems)
+        return self._commit(t, payload, now, peer)
+
+    def _commit(self, t: Triage, payload: bytes, now: float, peer: str) -> "Deferred[Reply]":
         code = response_code(t.header, t.code)
         ack = self._ack(t, code, t.errors, now)
         record = self._record(t, payload, now, peer, ack, code)
         d = self.committer.submit(record)
-        d.addCallbacks(self._stored, self._store_failed, callbackArgs=(t,), errbackArgs=(t, now))
+        d.addCallbacks(self._stored, self._store_failed, callbackArgs=(t, payload), errbackArgs=(t, now))
         return d
 
     def oversized(self, prefix: bytes, limit: int, peer: str) -> "Deferred[Reply]":
@@ -156,7 +174,7 @@ class Ingest:
                                           f"different message (stored as #{original_id})")
         return self._ack(t, code, (problem,), now), code
 
-    def _stored(self, outcome: Outcome, t: Triage) -> Reply:
+    def _stored(self, outcome: Outcome, t: Triage, payload: bytes = b"") -> Reply:
         h = t.header
         if outcome.kind == "duplicate":
             self.counts["duplicate"] += 1
@@ -168,6 +186,8 @@ class Ingest:
                           "(kept as #{id}, AE/205)", type=h.type_and_event, cid=h.control_id, id=outcome.message_id)
         elif t.accepted:
             self.counts["accepted"] += 1
+            if self.processor is not None:
+                self.processor.submit(outcome.message_id, t.channel, payload)
             if self.trace:
                 self.log.debug("stored #{id} {type} {cid} -> {channel}", id=outcome.message_id,
                                type=h.type_and_event, cid=h.control_id, channel=t.channel)

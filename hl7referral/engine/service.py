@@ -22,6 +22,7 @@ from .committer import GroupCommitter
 from .endpoints import describe_port, is_tls, server_endpoint
 from .ingest import Ingest, policy_for
 from .mllp import MLLPServerFactory
+from .processor import Processor
 
 
 CHECKPOINT_INTERVAL = 1.0  # seconds between background WAL checkpoints
@@ -46,11 +47,15 @@ class EngineService(MultiService):
         self._checkpoints = LoopingCall(self._checkpoint)
         self._checkpoints.clock = reactor
         self.committer = GroupCommitter(self.store, lambda f, *a: reactor.callFromThread(f, *a))
+        self.processor = Processor(config, self.committer, reactor) if any(c.mapping for c in config.channels) \
+            else None
+        after_mapping = {c.name for c in config.channels if c.ack_mode == "after-mapping"}
         self.listeners: list[tuple[object, MLLPServerFactory, object]] = []
         for lc in config.listeners:
             channels = config.channels_for(lc.name)
             ingest = Ingest(lc.name, policy_for(lc, channels), self.committer, reactor, lc.on_store_failure,
                             trace=config.log_level == "debug")
+            ingest.processor, ingest.after_mapping = self.processor, after_mapping
             factory = MLLPServerFactory(lc, ingest, reactor, tls=is_tls(lc.endpoint))
             self.listeners.append((lc, factory, server_endpoint(reactor, lc.endpoint, lc.base_dir)))
         self.ports: list = []
@@ -59,6 +64,8 @@ class EngineService(MultiService):
     def startService(self) -> None:
         super().startService()
         self.committer.start()
+        if self.processor is not None:
+            self.processor.start()
         self._checkpoints.start(CHECKPOINT_INTERVAL, now=False)
         attempts = []
         for lc, factory, endpoint in self.listeners:
@@ -93,6 +100,8 @@ class EngineService(MultiService):
             for proto in list(factory.connections):
                 if proto.transport is not None:
                     proto.transport.loseConnection()
+        if self.processor is not None:
+            self.processor.stop()  # documents not yet saved are rebuilt at the next start
         # Let the commits already queued finish: their messages are on disk.
         yield self.committer.idle()
         self.committer.stop()

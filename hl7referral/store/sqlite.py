@@ -105,6 +105,23 @@ def _v1_messages(db: sqlite_utils.Database) -> None:
     db["meta"].create({"key": str, "value": str}, pk="key")
 
 
+@_migration
+def _v2_documents_and_alerts(db: sqlite_utils.Database) -> None:
+    db["documents"].create(
+        {"id": int, "message_id": int, "channel": str, "referral_id": str, "kind": str, "status": str,
+         "destination": str, "xml": bytes, "reasons": str, "created_at": str},
+        pk="id", foreign_keys=[("message_id", "messages", "id")],
+        not_null={"message_id", "status", "created_at"},
+    )
+    db["documents"].create_index(["message_id"], index_name="documents_message", unique=True)
+    db["documents"].create_index(["referral_id"], index_name="documents_referral")
+    db["alerts"].create(
+        {"id": int, "created_at": str, "kind": str, "referral_id": str, "message_id": int, "channel": str,
+         "text": str, "owner": str, "resolved_at": str},
+        pk="id", not_null={"created_at", "kind", "text"},
+    )
+
+
 _INSERT = (
     "INSERT OR IGNORE INTO messages (received_at, listener, peer, channel, status, "
     "sending_application, sending_facility, message_type, control_id, referral_id, charset, "
@@ -270,6 +287,47 @@ class Store:
         clause = " AND ".join(f"{k} = ?" for k in where) or "1"
         return self.conn.execute(f"SELECT count(*) FROM messages WHERE {clause}",
                                  list(where.values())).fetchone()[0]
+
+    # -- documents and alerts ----------------------------------------------------
+
+    def save_document(self, *, message_id: int, channel: str, referral_id: str, status: str,
+                      xml: bytes | None, destination: str, reasons: list[str], created_at: str,
+                      kind: str = "referral-note", owner: str = "coordinators") -> int:
+        """Store a built (or parked) document; a parked one raises an alert in the same transaction."""
+        with self._lock, self._transaction():
+            cur = self.conn.execute(
+                "INSERT OR REPLACE INTO documents (message_id, channel, referral_id, kind, status, destination, "
+                "xml, reasons, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (message_id, channel, referral_id, kind, status, destination, xml, "\n".join(reasons), created_at))
+            if status != "ready":
+                self.conn.execute(
+                    "INSERT INTO alerts (created_at, kind, referral_id, message_id, channel, text, owner) "
+                    "VALUES (?,?,?,?,?,?,?)",
+                    (created_at, f"{kind}-{status}", referral_id, message_id, channel, "; ".join(reasons), owner))
+            return cur.lastrowid
+
+    def unprocessed(self, channels: list[str], limit: int = 1000) -> list[dict]:
+        """Accepted messages of these channels with no document yet (oldest first): recovery after a restart."""
+        if not channels:
+            return []
+        marks = ",".join("?" * len(channels))
+        return [dict(r) for r in self.db.query(
+            f"SELECT m.id, m.channel, m.raw, m.charset FROM messages m LEFT JOIN documents d ON d.message_id = m.id "
+            f"WHERE m.status = 'accepted' AND m.channel IN ({marks}) AND d.id IS NULL ORDER BY m.id LIMIT ?",
+            [*channels, int(limit)])]
+
+    def list_documents(self, *, limit: int = 50, status: str | None = None) -> list[dict]:
+        where, args = ("WHERE status = ?", [status]) if status else ("", [])
+        return [dict(r) for r in self.db.query(
+            f"SELECT id, message_id, channel, referral_id, kind, status, destination, reasons, created_at, "
+            f"length(xml) AS size FROM documents {where} ORDER BY id DESC LIMIT ?", [*args, int(limit)])]
+
+    def get_document(self, document_id: int) -> dict | None:
+        rows = list(self.db.query("SELECT * FROM documents WHERE id = ?", [int(document_id)]))
+        return rows[0] if rows else None
+
+    def list_alerts(self, *, limit: int = 50) -> list[dict]:
+        return [dict(r) for r in self.db.query("SELECT * FROM alerts ORDER BY id DESC LIMIT ?", [int(limit)])]
 
     def close(self) -> None:
         try:

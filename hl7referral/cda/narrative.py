@@ -1,0 +1,107 @@
+"""The human-readable part of a C-CDA section: ``section/text`` (the CDA narrative block).
+
+Entries carry the machine-readable copy of what the narrative says and point
+back at it with ``<reference value="#ID"/>``; this module builds the narrative
+side and hands out the IDs.
+
+Invariants
+----------
+* Elements are in the ``urn:hl7-org:v3`` namespace and follow
+  ``NarrativeBlock.xsd`` (``table`` = ``thead``? ``tbody``+, rows of ``th``/``td``;
+  ``list`` = ``item``+), so a section text is always XSD-valid.
+* Tables stay tables: tabular data is never flattened into paragraphs.
+* Text goes in as text: lxml escapes markup characters; characters XML 1.0
+  cannot carry at all (C0 controls except TAB/LF/CR, lone surrogates,
+  U+FFFE/U+FFFF) are dropped by :func:`clean` instead of failing the build.
+* An ``ID`` is only placed on a cell or item that has text, so every
+  ``reference`` an entry makes resolves to something a reader can see.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from lxml import etree
+
+V3 = "{urn:hl7-org:v3}"
+NO_INFORMATION = "No information"
+
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def clean(value: str) -> str:
+    """*value* without the characters XML 1.0 cannot represent (lxml would raise on them)."""
+    if not value:
+        return ""
+    return _NOT_XML.sub("", value)
+
+
+class Cell(NamedTuple):
+    """A table cell or list item: its text and, when an entry refers to it, its ID."""
+
+    text: str
+    id: str = ""
+
+
+def text_block(section: etree._Element) -> etree._Element:
+    return etree.SubElement(section, V3 + "text")
+
+
+def no_information(section: etree._Element) -> etree._Element:
+    """The text of a section that has nothing to say: exactly "No information"."""
+    text = text_block(section)
+    text.text = NO_INFORMATION
+    return text
+
+
+def paragraph(parent: etree._Element, text: str, id: str = "") -> etree._Element:
+    p = etree.SubElement(parent, V3 + "paragraph")
+    value = clean(text)
+    if id and value:
+        p.set("ID", id)
+    p.text = value
+    return p
+
+
+def _cell(row: etree._Element, tag: str, cell: Cell | str) -> None:
+    el = etree.SubElement(row, tag)
+    if isinstance(cell, Cell):
+        value = clean(cell.text)
+        if cell.id and value:
+            el.set("ID", cell.id)
+    else:
+        value = clean(cell)
+    if value:
+        el.text = value
+
+
+def table(parent: etree._Element, headers: Sequence[str], rows: Iterable[Sequence[Cell | str]]) -> etree._Element:
+    """``<table><thead><tr><th>…</th></tr></thead><tbody><tr><td>…</td></tr>…</tbody></table>``.
+
+    The caller passes at least one row: an empty ``tbody`` is not schema-valid
+    (a section with no rows is a "No information" section instead).
+    """
+    t = etree.SubElement(parent, V3 + "table")
+    head = etree.SubElement(etree.SubElement(t, V3 + "thead"), V3 + "tr")
+    for h in headers:
+        _cell(head, V3 + "th", h)
+    body = etree.SubElement(t, V3 + "tbody")
+    for row in rows:
+        tr = etree.SubElement(body, V3 + "tr")
+        for c in row:
+            _cell(tr, V3 + "td", c)
+    return t
+
+
+def item_list(parent: etree._Element, items: Iterable[Cell | str]) -> etree._Element:
+    lst = etree.SubElement(parent, V3 + "list")
+    for item in items:
+        _cell(lst, V3 + "item", item)
+    return lst
+
+
+def reference(parent: etree._Element, id: str) -> etree._Element:
+    """``<reference value="#id"/>`` under *parent* (an entry's ``text`` or ``originalText``)."""
+    return etree.SubElement(parent, V3 + "reference", value="#" + id)

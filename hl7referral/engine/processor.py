@@ -1,0 +1,124 @@
+"""Builds the Referral Note for every accepted referral message, off the reactor.
+
+Accepted messages of channels with a mapping go through the
+:class:`~hl7referral.cda.pipeline.Pipeline` on one document thread, in
+arrival order; the result (a ready document, or a parked one with its
+reasons and an alert) is written by the store's writer thread.
+
+Invariants
+----------
+* Nothing accepted is forgotten: at start, every accepted message without a
+  document is processed again (a crash between ACK and document loses no
+  referral); a message has at most one document (unique by message id).
+* A parked document raises an alert (a row in ``alerts`` and an ALERT log
+  line with the referral id and reasons, never patient data).
+* With ``ack.mode = "after-mapping"`` the mapping runs before the ACK
+  (:meth:`Processor.premap`), so a missing required field comes back as AE
+  naming it.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from ..cda.mapping import MissingField
+from ..cda.pipeline import Pipeline, Processed
+from ..config import EngineConfig
+from ..v2.parse import ParseError, parse_message
+from .ingest import iso_timestamp
+
+
+class Processor:
+    log = Logger()
+
+    def __init__(self, config: EngineConfig, committer, reactor) -> None:
+        self.config = config
+        self.committer = committer
+        self.reactor = reactor
+        self.channels = {c.name: c for c in config.channels if c.mapping}
+        self.pipeline = Pipeline(config.mappings, config.directory, validator=None)
+        self.pool = ThreadPool(minthreads=1, maxthreads=1, name="hl7referral-documents")
+        self._validator_ready = False
+        self.counts = dict(ready=0, parked=0)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> Deferred:
+        self.pool.start()
+        d = self.committer.run(lambda store: store.unprocessed(sorted(self.channels)))
+        d.addCallback(self._recover)
+        return d
+
+    def stop(self) -> None:
+        self.pool.stop()
+
+    def _recover(self, rows: list[dict]) -> None:
+        if rows:
+            self.log.info("processing {n} accepted message(s) that have no document yet", n=len(rows))
+        for row in rows:
+            self.submit(row["id"], row["channel"], row["raw"])
+
+    # -- work ----------------------------------------------------------------------
+
+    def _in_thread(self, fn, *args) -> Deferred:
+        return deferToThreadPool(self.reactor, self.pool, fn, *args)
+
+    def _ensure_validator(self) -> None:
+        # Loading the schema and the compiled Schematron takes a while: do it on
+        # the document thread, once, so listeners open at once.
+        if not self._validator_ready:
+            self._validator_ready = True
+            if self.config.standards_dir is not None:
+                from ..cda.validate import Validator
+                self.pipeline.validator = Validator(self.config.standards_dir)
+
+    def _run(self, raw: bytes, channel_name: str) -> Processed:
+        self._ensure_validator()
+        return self.pipeline.run(raw, self.channels[channel_name], now=_cda_time(self.reactor.seconds()))
+
+    def submit(self, message_id: int, channel_name: str, raw: bytes) -> Deferred:
+        if channel_name not in self.channels:
+            return succeed(None)
+        d = self._in_thread(self._run, raw, channel_name)
+        d.addCallback(self._save, message_id, channel_name)
+        d.addErrback(self._failed, message_id, channel_name)
+        return d
+
+    def _save(self, p: Processed, message_id: int, channel: str) -> Deferred:
+        dest = p.destination
+        destination = json.dumps({"name": dest.name, "direct": dest.direct, "fax": dest.fax} if dest else {})
+        now = iso_timestamp(self.reactor.seconds())
+        self.counts[p.status] += 1
+        if p.status == "ready":
+            self.log.info("referral {ref} (message #{mid}): Referral Note ready for {dest}",
+                          ref=p.referral_id, mid=message_id, dest=dest.name if dest else "?")
+        else:
+            self.log.warn("ALERT referral {ref} (message #{mid}, channel {ch}) parked: {why}",
+                          ref=p.referral_id or "?", mid=message_id, ch=channel, why="; ".join(p.reasons))
+        return self.committer.run(lambda store: store.save_document(
+            message_id=message_id, channel=channel, referral_id=p.referral_id, status=p.status,
+            xml=p.document, destination=destination, reasons=p.reasons, created_at=now))
+
+    def _failed(self, failure, message_id: int, channel: str) -> None:
+        self.log.failure("building the document for message #{mid} ({ch}) failed", failure,
+                         mid=message_id, ch=channel)
+
+    def premap(self, channel_name: str, raw: bytes) -> Deferred:
+        """For ACK-after-mapping: the required fields the message lacks (empty if none)."""
+        def check() -> list[MissingField]:
+            mapping = self.config.mappings[self.channels[channel_name].mapping]
+            try:
+                return mapping.apply(parse_message(raw)).errors
+            except ParseError as exc:
+                return [MissingField("message", f"not parseable: {exc}", "MSH", 0)]
+        return self._in_thread(check)
+
+
+def _cda_time(seconds: float) -> str:
+    import time
+    return time.strftime("%Y%m%d%H%M%S+0000", time.gmtime(seconds))
