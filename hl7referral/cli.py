@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import sys
+import time
 
 import click
 
@@ -278,10 +279,14 @@ def map_command(config, store, overrides, channel_name, validate_only, message) 
         if channel is None:
             fail(f"no channel named {channel_name!r} (have: {', '.join(c.name for c in cfg.channels)})")
     else:
-        kind = read_header(raw).type_and_event
-        channel = next((c for c in cfg.channels if kind in c.accept and c.mapping), None)
+        # The engine's own routing: type and event, facility-specific channels first.
+        from .engine.ingest import policy_for
+        header = read_header(raw)
+        policy = policy_for(cfg.listeners[0], cfg.channels)
+        name = policy.route(header.type_and_event, header.sending_facility, header.delimiters.component)
+        channel = next((c for c in cfg.channels if c.name == name), None)
         if channel is None:
-            fail(f"{message}: no channel with a mapping takes {kind}; name one with --channel")
+            fail(f"{message}: no channel takes {header.type_and_event}; name one with --channel")
     if not channel.mapping:
         fail(f"channel {channel.name} has no mapping")
     validator = None
@@ -289,7 +294,7 @@ def map_command(config, store, overrides, channel_name, validate_only, message) 
         from .cda.validate import Validator
         validator = Validator(cfg.standards_dir)
     pipeline = Pipeline(cfg.mappings, cfg.directory, validator)
-    result = pipeline.run(raw, channel)
+    result = pipeline.run(raw, channel, now=time.strftime("%Y%m%d%H%M%S+0000", time.gmtime()))
     if validate_only:
         for reason in result.reasons:
             click.echo(f"{message}: {reason}")

@@ -12,14 +12,14 @@ def engine(tmp_path):
     e.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def corpus():
     if not CORPUS.is_dir():
         pytest.skip(f"shared corpus not found at {CORPUS}")
     return CORPUS
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def standards():
     return SHARED / "standards"
 

@@ -10,6 +10,9 @@ Invariants
 * Nothing accepted is forgotten: at start, every accepted message without a
   document is processed again (a crash between ACK and document loses no
   referral); a message has at most one document (unique by message id).
+* One message at a time: a backlog of its own feeds the document thread, so
+  stopping waits only for the message in flight (the rest are recovered at
+  the next start) and memory holds one batch of recovered messages at most.
 * A parked document raises an alert (a row in ``alerts`` and an ALERT log
   line with the referral id and reasons, never patient data).
 * With ``ack.mode = "after-mapping"`` the mapping runs before the ACK
@@ -20,8 +23,9 @@ Invariants
 from __future__ import annotations
 
 import json
+from collections import deque
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -31,6 +35,9 @@ from ..cda.pipeline import Pipeline, Processed
 from ..config import EngineConfig
 from ..v2.parse import ParseError, parse_message
 from .ingest import iso_timestamp
+
+
+RECOVERY_BATCH = 500  # recovered messages read from the store at a time
 
 
 class Processor:
@@ -44,17 +51,22 @@ class Processor:
         self.pipeline = Pipeline(config.mappings, config.directory, validator=None)
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name="hl7referral-documents")
         self._validator_ready = False
+        self._backlog: deque[tuple[int, str, bytes | None]] = deque()
+        self._busy = False
+        self._stopping = False
         self.counts = dict(ready=0, parked=0)
 
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self) -> Deferred:
         self.pool.start()
-        d = self.committer.run(lambda store: store.unprocessed(sorted(self.channels)))
+        d = self.committer.run(lambda store: store.unprocessed(sorted(self.channels), RECOVERY_BATCH))
         d.addCallback(self._recover)
         return d
 
     def stop(self) -> None:
+        self._stopping = True
+        self._backlog.clear()  # unbuilt documents are rebuilt from the store at the next start
         self.pool.stop()
 
     def _recover(self, rows: list[dict]) -> None:
@@ -62,6 +74,9 @@ class Processor:
             self.log.info("processing {n} accepted message(s) that have no document yet", n=len(rows))
         for row in rows:
             self.submit(row["id"], row["channel"], row["raw"])
+        if len(rows) >= RECOVERY_BATCH:
+            self._backlog.append((-1, "", None))  # marker: fetch the next batch when this one is done
+            self._pump()
 
     # -- work ----------------------------------------------------------------------
 
@@ -81,13 +96,28 @@ class Processor:
         self._ensure_validator()
         return self.pipeline.run(raw, self.channels[channel_name], now=_cda_time(self.reactor.seconds()))
 
-    def submit(self, message_id: int, channel_name: str, raw: bytes) -> Deferred:
-        if channel_name not in self.channels:
-            return succeed(None)
-        d = self._in_thread(self._run, raw, channel_name)
-        d.addCallback(self._save, message_id, channel_name)
-        d.addErrback(self._failed, message_id, channel_name)
-        return d
+    def submit(self, message_id: int, channel_name: str, raw: bytes) -> None:
+        if channel_name in self.channels and not self._stopping:
+            self._backlog.append((message_id, channel_name, raw))
+            self._pump()
+
+    def _pump(self) -> None:
+        if self._busy or not self._backlog or self._stopping:
+            return
+        message_id, channel_name, raw = self._backlog.popleft()
+        self._busy = True
+        if raw is None:  # the recovery marker
+            d = self.committer.run(lambda store: store.unprocessed(sorted(self.channels), RECOVERY_BATCH))
+            d.addCallback(self._recover)
+        else:
+            d = self._in_thread(self._run, raw, channel_name)
+            d.addCallback(self._save, message_id, channel_name)
+            d.addErrback(self._failed, message_id, channel_name)
+        d.addBoth(self._done)
+
+    def _done(self, _) -> None:
+        self._busy = False
+        self._pump()
 
     def _save(self, p: Processed, message_id: int, channel: str) -> Deferred:
         dest = p.destination
