@@ -35,6 +35,8 @@ def clean(value: str) -> str:
     """*value* without the characters XML 1.0 cannot represent (lxml would raise on them)."""
     if not value:
         return ""
+    if value.isprintable():  # the common case, and no control character can be in it
+        return value
     return _NOT_XML.sub("", value)
 
 

@@ -1,0 +1,1211 @@
+"""Render a :class:`~hl7referral.cda.model.Referral` as a C-CDA R2.1 Referral Note.
+
+The document is the Referral Note ``2.16.840.1.113883.10.20.22.1.14:2015-08-01``
+on the US Realm Header ``2.16.840.1.113883.10.20.22.1.1:2015-08-01``, LOINC
+57133-1. Reference: ``shared/reference/ccda.md`` §2–§4, §7, §10.
+
+Invariants
+----------
+* For every :class:`Referral` (including an empty one) the result is valid
+  against ``CDA_SDTC.xsd`` and passes the R2.1 Schematron ``errors`` phase
+  (tests/test_referral_note.py). Element order follows the XSD sequences.
+* R2.1 double-templateId rule: every section/entry template that existed in
+  C-CDA R1.1 is declared with its versioned templateId *and* its bare R1.1
+  root (``hasCompatibleR1.1TemplateId``, CONF:1198-32943).
+* Nothing is invented. An unknown value gets a nullFlavor (``UNK``; ``NA`` for
+  race/ethnicity of an animal); a required section without data is
+  ``section/@nullFlavor="NI"`` with the text "No information" and no entries.
+  The only defaults are generic codes the templates require and the model has
+  no field for, each named where it is used: Referral Act code SNOMED 44383000
+  when ``referral_type`` is empty, allergy type SNOMED 419199007 "Allergy to
+  substance", problem type SNOMED 55607006 "Problem", indication type
+  404684003 "Clinical finding".
+* Entries point at their narrative with ``<reference value="#ID"/>``; every ID
+  is unique in the document and sits on visible text. Tables stay tables.
+* Whatever the model holds, the output stays schema-valid: timestamps the
+  XSD cannot take become nullFlavor, codes/units/language tags with inner
+  spaces are not codes (kept as original text), code systems given by name
+  ("ICD10CM", v2 "LN") become their OID, unknown @use values are dropped.
+* Deterministic: entry ids are UUIDv5 derived from the document id, so the
+  same referral and document id always give the same bytes. Without a
+  document id the builder makes a random UUID (a document must have an id).
+* Identifiers (``II``): an OID or UUID ``root`` is used as given. An NPI
+  (root ``2.16.840.1.113883.4.6`` or authority/root text "NPI") gets the NPI
+  root. Any other identifier only has a namespace name (v2 assigning
+  authority such as "HOSP_MRN"): its root is ``BuildOptions.local_root`` plus
+  one arc derived from the name (first 4 bytes of its SHA-256 as an integer),
+  and the name is kept in ``@assigningAuthorityName``. So two namespaces never
+  share a root, the same namespace always maps to the same root, and no
+  nullFlavor hides an identifier the sender did give. Sites set
+  ``local_root`` to an arc of their own OID reserved for this purpose. Payer
+  member, group and authorization numbers are namespaces of their own
+  ("<payer> member ID", …), never the payer organisation's OID.
+* Speed: fixed template parts are parsed once and deep-copied (:class:`_Proto`);
+  only document values are set element by element.
+* Veterinary referrals (``referral.veterinary`` or a patient species): the
+  animal's name stays the patient name; species and breed are stated in
+  ``patient/sdtc:desc``, in the Reason for Referral narrative ("Patient" table)
+  and as coded ``ASSERTION`` observations (value = the species/breed code) in
+  that section; the owner is a header ``participant typeCode="IND"``
+  (``associatedEntity classCode="PRS"``) and is named in the narrative.
+* Payers: one Coverage Activity holding one Policy Activity per payer; a prior
+  authorization is an Authorization Activity (``2.16.840.1.113883.10.20.1.19``,
+  id = the authorization number) under the Policy Activity (``REFR``), whose
+  promised act carries the authorized service and period.
+* Assessment (2.8) + Plan of Treatment (2.10) rather than the combined A&P
+  section: PoT is itself a SHOULD of the Referral Note.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+import uuid
+from dataclasses import dataclass
+
+from lxml import etree
+
+from . import narrative as nv
+from .model import (
+    OID,
+    Address,
+    Allergy,
+    Code,
+    Identifier,
+    Medication,
+    Name,
+    Party,
+    Patient,
+    Payer,
+    Problem,
+    Referral,
+    Result,
+    Telecom,
+)
+
+V3_NS = "urn:hl7-org:v3"
+SDTC_NS = "urn:hl7-org:sdtc"
+XSI_NS = "http://www.w3.org/2001/XMLSchema-instance"
+NSMAP = {None: V3_NS, "sdtc": SDTC_NS, "xsi": XSI_NS}
+V3 = "{" + V3_NS + "}"
+XSI_TYPE = "{" + XSI_NS + "}type"
+
+US_REALM_HEADER = ("2.16.840.1.113883.10.20.22.1.1", "2015-08-01")
+REFERRAL_NOTE = ("2.16.840.1.113883.10.20.22.1.14", "2015-08-01")
+DOCUMENT_CODE = Code("57133-1", OID["LOINC"], "Referral note", "LOINC")
+DEFAULT_REFERRAL_TYPE = Code("44383000", OID["SNOMED"], "Patient referral for consultation", "SNOMED CT")
+ALLERGY_TO_SUBSTANCE = Code("419199007", OID["SNOMED"], "Allergy to substance (disorder)", "SNOMED CT")
+PROBLEM_TYPE = Code("55607006", OID["SNOMED"], "Problem", "SNOMED CT")
+PROBLEM_TYPE_LOINC = Code("75326-9", OID["LOINC"], "Problem", "LOINC")
+CLINICAL_FINDING = Code("404684003", OID["SNOMED"], "Clinical finding (finding)", "SNOMED CT")
+
+ACT_CODE = "2.16.840.1.113883.5.4"
+ACT_CLASS = "2.16.840.1.113883.5.6"
+ROLE_CLASS = "2.16.840.1.113883.5.110"
+OBSERVATION_INTERPRETATION = "2.16.840.1.113883.5.83"
+_GENDER = {"M": "Male", "F": "Female", "UN": "Undifferentiated"}
+# TEL/AD @use values CDA_SDTC.xsd accepts; anything else a mapping passes is dropped.
+_TEL_USES = {"H", "HP", "HV", "WP", "DIR", "PUB", "BAD", "TMP", "AS", "EC", "MC", "PG"}
+_ADDR_USES = {"H", "HP", "HV", "WP", "DIR", "PUB", "BAD", "TMP"}
+
+_OID_RE = re.compile(r"[0-2](\.(0|[1-9][0-9]*))*\Z")
+_UUID_RE = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}\Z")
+_TS_RE = re.compile(r"(\d{4,14})(\.\d+)?([+-]\d{4})?\Z")
+_NUMBER_RE = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\Z")
+_RANGE_RE = re.compile(r"\s*([+-]?\d+(?:\.\d+)?)\s*-\s*([+-]?\d+(?:\.\d+)?)\s*\Z")
+_PHONE_RE = re.compile(r"\+?[\d ().\-]*\d[\d ().\-]*\Z")
+_SYSTEM_NAMES = {oid: name for name, oid in OID.items()}
+# HL7 v2 coding-system names (table 0396) a mapping may pass through instead of an OID.
+_V2_SYSTEMS = {"LN": "LOINC", "SCT": "SNOMED", "I10": "ICD10CM", "I10C": "ICD10CM", "I9C": "ICD9CM", "I9CDX": "ICD9CM"}
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Site settings for the document; the defaults suit tests and examples.
+
+    ``local_root``: OID under which namespace-only identifiers get their root
+    (see the module invariants). The default is HL7's example arc
+    ``2.16.840.1.113883.19``; production sites set their own.
+    """
+
+    local_root: str = "2.16.840.1.113883.19"
+    title: str = "Referral Note"
+    language: str = "en-US"
+    confidentiality: str = "N"
+
+
+DEFAULT_OPTIONS = BuildOptions()
+
+
+def build_referral_note(referral: Referral, options: BuildOptions | None = None) -> etree._ElementTree:
+    """The C-CDA R2.1 Referral Note for *referral*, as an lxml tree."""
+    return _Builder(referral, options or DEFAULT_OPTIONS).build()
+
+
+def to_bytes(tree: etree._ElementTree | etree._Element) -> bytes:
+    """UTF-8 bytes with an XML declaration, indented (validator line numbers refer to this form)."""
+    return etree.tostring(tree, xml_declaration=True, encoding="UTF-8", pretty_print=True)
+
+
+# --- small helpers -------------------------------------------------------------------------------
+
+
+def _el(parent: etree._Element, tag: str, attrib: dict[str, str] | None = None) -> etree._Element:
+    return etree.SubElement(parent, V3 + tag, attrib)
+
+
+def _text_el(parent: etree._Element, tag: str, text: str) -> etree._Element:
+    el = _el(parent, tag)
+    el.text = nv.clean(text)
+    return el
+
+
+def is_root(value: str) -> bool:
+    """Whether *value* can be an ``II/@root`` (an OID or a UUID)."""
+    return bool(_OID_RE.match(value) or _UUID_RE.match(value))
+
+
+def _is_npi(ident: Identifier) -> bool:
+    return ident.root == OID["NPI"] or ident.root.strip().upper() == "NPI" or ident.authority.strip().upper() == "NPI"
+
+
+def _arc(namespace: str) -> int:
+    return int.from_bytes(hashlib.sha256(namespace.encode("utf-8")).digest()[:4], "big")
+
+
+def ii_attrs(ident: Identifier, local_root: str) -> dict[str, str]:
+    """The ``II`` attributes for *ident* (rules in the module docstring)."""
+    root = ident.root.strip()
+    authority = nv.clean(ident.authority.strip())
+    if root and is_root(root):
+        attrs = {"root": root}
+    elif _is_npi(ident):
+        attrs = {"root": OID["NPI"]}
+        authority = authority or "NPI"
+    else:
+        namespace = nv.clean(root or authority)
+        attrs = {"root": f"{local_root}.{_arc(namespace)}" if namespace else local_root}
+        authority = authority or namespace
+    if ident.extension:
+        attrs["extension"] = nv.clean(ident.extension)
+    if authority:
+        attrs["assigningAuthorityName"] = authority
+    return attrs
+
+
+def ts_value(value: str) -> str:
+    """*value* (HL7 TS) in the form ``CDA_SDTC.xsd`` accepts, or "" when it is not a timestamp.
+
+    The schema allows fractional seconds only after 14 digits and a zone only
+    after more than 8 digits, so those parts are dropped when they cannot stand.
+    """
+    m = _TS_RE.match(value.strip()) if value else None
+    if not m:
+        return ""
+    digits, fraction, zone = m.group(1), m.group(2) or "", m.group(3) or ""
+    if len(digits) != 14:
+        fraction = ""
+    if len(digits) <= 8:
+        zone = ""
+    return digits + fraction + zone
+
+
+def human_ts(value: str) -> str:
+    """A timestamp for readers: ``2025-03-01 10:30 -0500``."""
+    v = ts_value(value)
+    if not v:
+        return value
+    digits = v[:14].split(".")[0]
+    zone = v[-5:] if v[-5:-4] in "+-" and len(v) > 8 else ""
+    date = "-".join(p for p in (digits[0:4], digits[4:6], digits[6:8]) if p)
+    clock = ":".join(p for p in (digits[8:10], digits[10:12]) if p)
+    return " ".join(p for p in (date, clock, zone) if p)
+
+
+def _code_label(code: Code) -> str:
+    """``I10 (ICD-10-CM)`` style label of a code, for narrative."""
+    if not code.code:
+        return ""
+    system = code.system_name or _SYSTEM_NAMES.get(code.system, code.system)
+    return f"{code.code} ({system})" if system else code.code
+
+
+def token(value: str) -> str:
+    """*value* as a CDA ``cs`` token (codes, units, language tags): no whitespace, or "" if it had inner spaces."""
+    v = nv.clean(value.strip())
+    return "" if not v or any(c.isspace() for c in v) else v
+
+
+def system_oid(system: str) -> str:
+    """A code system as an OID: as given when it is one, looked up when it is a name in ``OID``, else ""."""
+    s = system.strip()
+    if is_root(s):
+        return s
+    name = s.upper().replace("-", "").replace(" ", "")
+    return OID.get(_V2_SYSTEMS.get(name, name), "")
+
+
+def uuid5(namespace: bytes, name: str) -> str:
+    """``str(uuid.uuid5(UUID(bytes=namespace), name))``, without the UUID object (a document needs dozens)."""
+    h = bytearray(hashlib.sha1(namespace + name.encode("utf-8")).digest()[:16])
+    h[6] = (h[6] & 0x0F) | 0x50  # version 5
+    h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
+    x = h.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+
+
+def _code_phrase(code: Code) -> str:
+    """``Chest pain [R07.9 (ICD-10-CM)]``: the text and, when coded, the code (each once)."""
+    text, label = _code_text(code), _code_label(code)
+    if not label or text == code.code:
+        return label or text
+    return f"{text} [{label}]"
+
+
+def _code_text(code: Code) -> str:
+    return code.display or code.original_text or code.code
+
+
+def _telecom_value(value: str) -> str:
+    """A TEL URL: ``tel:``/``mailto:`` added when the sender gave a bare number or address."""
+    v = nv.clean(value.strip())
+    if not v or ":" in v:
+        return v
+    if "@" in v:
+        return "mailto:" + v
+    if _PHONE_RE.match(v):
+        return "tel:" + re.sub(r"[ ().\-]", "", v)  # separators dropped: a tel URI has no spaces
+    return v
+
+
+def _party_telecoms(party: Party) -> list[Telecom]:
+    """The party's telecoms plus its Direct address (as ``mailto:``) when not already listed."""
+    tels = [t for t in party.telecom if t]
+    if party.direct_address:
+        direct = _telecom_value(party.direct_address)
+        if direct and not direct.startswith("mailto:"):
+            direct = "mailto:" + party.direct_address.strip()
+        if all(_telecom_value(t.value) != direct for t in tels):
+            tels.append(Telecom(direct, "WP"))
+    return tels
+
+
+def _name_text(name: Name) -> str:
+    return name.text() if name else ""
+
+
+def _party_label(party: Party) -> str:
+    parts = [_name_text(party.name), party.organization]
+    return ", ".join(p for p in parts if p)
+
+
+# --- prototypes ----------------------------------------------------------------------------------
+
+
+_PROTO_PARSER = etree.XMLParser(remove_blank_text=True, resolve_entities=False, no_network=True, load_dtd=False)
+
+
+class _Proto:
+    """A fixed piece of a template, parsed once and deep-copied for each use.
+
+    Copying a parsed skeleton happens in C and is about four times faster than
+    building the same elements one ``SubElement`` at a time; it is what keeps
+    build + XSD above 400 documents/s. The XML holds constants only (never
+    document data). ``slot="name"`` marks an element the builder fills for this
+    document; the marker is removed here and the element found again in each
+    copy by its child-index path.
+    """
+
+    def __init__(self, xml: str) -> None:
+        wrapper = etree.fromstring(f'<w xmlns="{V3_NS}" xmlns:xsi="{XSI_NS}">{xml}</w>', _PROTO_PARSER)
+        self.root = wrapper[0]
+        self.slots: list[tuple[str, tuple[int, ...]]] = []
+        for el in self.root.iter(etree.Element):
+            name = el.attrib.pop("slot", None)
+            if name:
+                path: list[int] = []
+                node = el
+                while node is not self.root:
+                    parent = node.getparent()
+                    path.insert(0, parent.index(node))
+                    node = parent
+                self.slots.append((name, tuple(path)))
+
+    def add(self, parent: etree._Element) -> dict[str, etree._Element]:
+        """Append a copy to *parent*; returns its slots by name ("" is the copy itself)."""
+        el = copy.deepcopy(self.root)
+        parent.append(el)
+        found = {"": el}
+        for name, path in self.slots:
+            node = el
+            for i in path:
+                node = node[i]
+            found[name] = node
+        return found
+
+
+def _tids(root: str, extension: str = "", r11: bool = True) -> str:
+    """templateId XML: versioned, plus the bare R1.1 root where R2.1 requires it."""
+    if not extension:
+        return f'<templateId root="{root}"/>'
+    twin = f'<templateId root="{root}"/>' if r11 else ""
+    return f'{twin}<templateId root="{root}" extension="{extension}"/>'
+
+
+def _section_proto(root: str, extension: str, code: str, display: str, title: str) -> _Proto:
+    return _Proto(
+        f'<component><section slot="section">{_tids(root, extension)}'
+        f'<code code="{code}" codeSystem="{OID["LOINC"]}" codeSystemName="LOINC" displayName="{display}"/>'
+        f"<title>{title}</title></section></component>"
+    )
+
+
+_S_REASON = _section_proto(
+    "1.3.6.1.4.1.19376.1.5.3.1.3.1", "2014-06-09", "42349-1", "Reason for referral Narrative", "Reason for Referral"
+)
+_S_PROBLEMS = _section_proto(
+    "2.16.840.1.113883.10.20.22.2.5.1", "2015-08-01", "11450-4", "Problem list - Reported", "Problems"
+)
+_S_ALLERGIES = _section_proto(
+    "2.16.840.1.113883.10.20.22.2.6.1",
+    "2015-08-01",
+    "48765-2",
+    "Allergies and adverse reactions Document",
+    "Allergies and Intolerances",
+)
+_S_MEDICATIONS = _section_proto(
+    "2.16.840.1.113883.10.20.22.2.1.1", "2014-06-09", "10160-0", "History of Medication use Narrative", "Medications"
+)
+_S_RESULTS = _section_proto(
+    "2.16.840.1.113883.10.20.22.2.3.1",
+    "2015-08-01",
+    "30954-2",
+    "Relevant diagnostic tests/laboratory data Narrative",
+    "Results",
+)
+_S_ASSESSMENT = _section_proto("2.16.840.1.113883.10.20.22.2.8", "", "51848-0", "Evaluation note", "Assessment")
+_S_PLAN = _section_proto(
+    "2.16.840.1.113883.10.20.22.2.10", "2014-06-09", "18776-5", "Plan of care note", "Plan of Treatment"
+)
+_S_PAYERS = _section_proto(
+    "2.16.840.1.113883.10.20.22.2.18", "2015-08-01", "48768-6", "Payment sources Document", "Payers"
+)
+
+_ASSERTION = f'<code code="ASSERTION" codeSystem="{ACT_CODE}" displayName="Assertion"/>'
+_CONCERN = f'<code code="CONC" codeSystem="{ACT_CLASS}" displayName="Concern"/>'
+
+# Problem Concern Act (V3) 4.3 holding one Problem Observation (V3) 4.4.
+_E_PROBLEM = _Proto(
+    f"""<entry typeCode="DRIV"><act classCode="ACT" moodCode="EVN">
+      {_tids("2.16.840.1.113883.10.20.22.4.3", "2015-08-01")}
+      <id slot="concern_id"/>{_CONCERN}<statusCode slot="concern_status"/>
+      <effectiveTime slot="concern_time"><low nullFlavor="UNK"/></effectiveTime>
+      <entryRelationship typeCode="SUBJ"><observation classCode="OBS" moodCode="EVN">
+        {_tids("2.16.840.1.113883.10.20.22.4.4", "2015-08-01")}
+        <id slot="id"/>
+        <code code="55607006" codeSystem="{OID["SNOMED"]}" codeSystemName="SNOMED CT" displayName="Problem">
+          <translation code="75326-9" codeSystem="{OID["LOINC"]}" codeSystemName="LOINC" displayName="Problem"/>
+        </code>
+        <text><reference slot="ref"/></text>
+        <statusCode code="completed"/>
+        <effectiveTime slot="time"/>
+        <value xsi:type="CD" slot="value"/>
+      </observation></entryRelationship>
+    </act></entry>"""
+)
+
+# Allergy Concern Act (V3) 4.30 holding one Allergy - Intolerance Observation (V2) 4.7; the
+# allergy type is the generic "Allergy to substance" (the model has no allergy type).
+_E_ALLERGY = _Proto(
+    f"""<entry typeCode="DRIV"><act classCode="ACT" moodCode="EVN">
+      {_tids("2.16.840.1.113883.10.20.22.4.30", "2015-08-01")}
+      <id slot="concern_id"/>{_CONCERN}<statusCode code="active"/>
+      <effectiveTime><low nullFlavor="UNK"/></effectiveTime>
+      <entryRelationship typeCode="SUBJ"><observation classCode="OBS" moodCode="EVN" slot="observation">
+        {_tids("2.16.840.1.113883.10.20.22.4.7", "2014-06-09")}
+        <id slot="id"/>{_ASSERTION}
+        <text><reference slot="ref"/></text>
+        <statusCode code="completed"/>
+        <effectiveTime slot="time"/>
+        <value xsi:type="CD" code="419199007" codeSystem="{OID["SNOMED"]}" codeSystemName="SNOMED CT"
+               displayName="Allergy to substance (disorder)"/>
+        <participant typeCode="CSM"><participantRole classCode="MANU"><playingEntity classCode="MMAT">
+          <code slot="allergen"/>
+        </playingEntity></participantRole></participant>
+      </observation></entryRelationship>
+    </act></entry>"""
+)
+
+# Reaction Observation (V2) 4.9, under the allergy observation (MFST).
+_E_REACTION = _Proto(
+    f"""<entryRelationship typeCode="MFST" inversionInd="true"><observation classCode="OBS" moodCode="EVN"
+        slot="observation">
+      {_tids("2.16.840.1.113883.10.20.22.4.9", "2014-06-09")}
+      <id slot="id"/>{_ASSERTION}
+      <text><reference slot="ref"/></text>
+      <statusCode code="completed"/>
+      <value xsi:type="CD" slot="value"/>
+    </observation></entryRelationship>"""
+)
+
+# Severity Observation (V2) 4.8, under the reaction (or the allergy when no reaction is known).
+_E_SEVERITY = _Proto(
+    f"""<entryRelationship typeCode="SUBJ" inversionInd="true"><observation classCode="OBS" moodCode="EVN">
+      {_tids("2.16.840.1.113883.10.20.22.4.8", "2014-06-09")}
+      <code code="SEV" codeSystem="{ACT_CODE}" displayName="Severity Observation"/>
+      <text><reference slot="ref"/></text>
+      <statusCode code="completed"/>
+      <value xsi:type="CD" slot="value"/>
+    </observation></entryRelationship>"""
+)
+
+# Medication Activity (V2) 4.16 with Medication Information (V2) 4.23. A medication list sent with a
+# referral lists what the patient takes now: statusCode active. Dose is not in the model: nullFlavor.
+_E_MEDICATION = _Proto(
+    f"""<entry typeCode="DRIV"><substanceAdministration classCode="SBADM" moodCode="EVN">
+      {_tids("2.16.840.1.113883.10.20.22.4.16", "2014-06-09")}
+      <id slot="id"/>
+      <text><reference slot="ref"/></text>
+      <statusCode code="active"/>
+      <effectiveTime xsi:type="IVL_TS"><low slot="start"/></effectiveTime>
+      <doseQuantity nullFlavor="UNK"/>
+      <consumable><manufacturedProduct classCode="MANU">
+        {_tids("2.16.840.1.113883.10.20.22.4.23", "2014-06-09")}
+        <manufacturedMaterial><code slot="drug"/></manufacturedMaterial>
+      </manufacturedProduct></consumable>
+    </substanceAdministration></entry>"""
+)
+
+# Result Organizer (V3) 4.1 (CLUSTER: the model has no panel code) and Result Observation (V3) 4.2.
+_E_RESULT_ORGANIZER = _Proto(
+    f"""<entry typeCode="DRIV"><organizer classCode="CLUSTER" moodCode="EVN" slot="organizer">
+      {_tids("2.16.840.1.113883.10.20.22.4.1", "2015-08-01")}
+      <id slot="id"/><code slot="code"/><statusCode code="completed" slot="status"/>
+    </organizer></entry>"""
+)
+_E_RESULT = _Proto(
+    f"""<component><observation classCode="OBS" moodCode="EVN" slot="observation">
+      {_tids("2.16.840.1.113883.10.20.22.4.2", "2015-08-01")}
+      <id slot="id"/><code slot="code"/>
+      <text><reference slot="ref"/></text>
+      <statusCode code="completed"/>
+      <effectiveTime slot="time"/>
+    </observation></component>"""
+)
+
+# Coverage Activity (V3) 4.60; Policy Activity (V3) 4.61 with payer performer 4.87 and covered party
+# 4.89. Coverage type (Health Insurance Type, SOPT translation) and the covered party's relationship
+# to the subscriber are not in the model: nullFlavors.
+_E_COVERAGE = _Proto(
+    f"""<entry typeCode="DRIV"><act classCode="ACT" moodCode="EVN" slot="act">
+      {_tids("2.16.840.1.113883.10.20.22.4.60", "2015-08-01")}
+      <id slot="id"/>
+      <code code="48768-6" codeSystem="{OID["LOINC"]}" codeSystemName="LOINC" displayName="Payment sources"/>
+      <statusCode code="completed"/>
+    </act></entry>"""
+)
+_E_POLICY = _Proto(
+    f"""<entryRelationship typeCode="COMP"><sequenceNumber slot="sequence"/>
+      <act classCode="ACT" moodCode="EVN" slot="act">
+        {_tids("2.16.840.1.113883.10.20.22.4.61", "2015-08-01")}
+        <id slot="id"/>
+        <code nullFlavor="UNK" slot="code"><translation nullFlavor="NI"/></code>
+        <statusCode code="completed"/>
+        <performer typeCode="PRF"><templateId root="2.16.840.1.113883.10.20.22.4.87"/>
+          <assignedEntity slot="payer">
+            <code code="PAYOR" codeSystem="{ROLE_CLASS}" displayName="payor" slot="payer_code"/>
+          </assignedEntity>
+        </performer>
+        <participant typeCode="COV"><templateId root="2.16.840.1.113883.10.20.22.4.89"/>
+          <participantRole classCode="PAT"><id slot="member"/><code nullFlavor="UNK"/></participantRole>
+        </participant>
+      </act>
+    </entryRelationship>"""
+)
+# The plan the policy belongs to (the "Health Plan Name" form of the Policy Activity's REFR).
+_E_PLAN = _Proto(
+    """<entryRelationship typeCode="REFR"><act classCode="ACT" moodCode="DEF" slot="act">
+      <id slot="id"/><code nullFlavor="UNK" slot="code"/><statusCode code="active"/>
+    </act></entryRelationship>"""
+)
+# Authorization Activity 2.16.840.1.113883.10.20.1.19 (id = authorization number) and what it promises.
+_E_AUTHORIZATION = _Proto(
+    """<entryRelationship typeCode="REFR"><act classCode="ACT" moodCode="EVN" slot="act">
+      <templateId root="2.16.840.1.113883.10.20.1.19"/>
+      <id slot="id"/><code nullFlavor="NA" slot="code"/>
+      <entryRelationship typeCode="SUBJ"><act classCode="ACT" moodCode="PRMS"><code slot="service"/></act>
+      </entryRelationship>
+    </act></entryRelationship>"""
+)
+
+
+# --- the builder ---------------------------------------------------------------------------------
+
+
+class _Builder:
+    def __init__(self, referral: Referral, options: BuildOptions) -> None:
+        self.r = referral
+        self.o = options
+        self.vet = bool(referral.veterinary or referral.patient.species)
+        doc_id = referral.document_id
+        if doc_id and (is_root(doc_id.root.strip()) or doc_id.extension):
+            self.doc_id = ii_attrs(doc_id, options.local_root)
+        else:
+            self.doc_id = {"root": str(uuid.uuid4())}
+        key = self.doc_id["root"] + "^" + self.doc_id.get("extension", "")
+        self._ns = uuid.uuid5(uuid.NAMESPACE_URL, "urn:hl7referral:document:" + key).bytes
+
+    # datatypes: fill_* write into an existing element, the others append one
+
+    def uid(self, key: str) -> dict[str, str]:
+        """A stable entry id: UUIDv5 of the document id and *key*."""
+        return {"root": uuid5(self._ns, key)}
+
+    def fill_ii(self, el: etree._Element, ident: Identifier) -> etree._Element:
+        el.attrib.update(ii_attrs(ident, self.o.local_root) if ident else {"nullFlavor": "UNK"})
+        return el
+
+    def ii(self, parent: etree._Element, ident: Identifier, tag: str = "id") -> etree._Element:
+        return self.fill_ii(_el(parent, tag), ident)
+
+    def ids(self, parent: etree._Element, idents: list[Identifier], required: bool = True) -> None:
+        known = [i for i in idents if i]
+        for ident in known:
+            self.ii(parent, ident)
+        if not known and required:
+            _el(parent, "id", {"nullFlavor": "UNK"})
+
+    def fill_ts(self, el: etree._Element, value: str, min_len: int = 0) -> etree._Element:
+        v = ts_value(value)
+        if v and len(_TS_RE.match(v).group(1)) >= min_len:
+            el.set("value", v)
+        else:
+            el.set("nullFlavor", "UNK")
+        return el
+
+    def ts(self, parent: etree._Element, tag: str, value: str, min_len: int = 0) -> etree._Element:
+        return self.fill_ts(_el(parent, tag), value, min_len)
+
+    def fill_cd(
+        self, el: etree._Element, code: Code, default_system: str = "", ref: str = "", null: str = "UNK"
+    ) -> etree._Element:
+        """A coded value (CD/CE): code and system when coded, else a nullFlavor with the original text."""
+        value = token(code.code)
+        text = code.original_text
+        if value:
+            el.set("code", value)
+            # A system given by name ("ICD10CM") becomes its OID; an unknown name stays a name only.
+            system = system_oid(code.system) if code.system else default_system
+            if system:
+                el.set("codeSystem", system)
+            name = code.system_name or ("" if system or not code.system else code.system)
+            if name:
+                el.set("codeSystemName", nv.clean(name))
+            if code.display:
+                el.set("displayName", nv.clean(code.display))
+        else:
+            # Known only as text: "other" (not in a code system); nothing at all: the caller's flavor.
+            # A "code" with spaces cannot be a code: it is kept as text.
+            text = text or code.display or code.code
+            el.set("nullFlavor", "OTH" if (text or ref) else null)
+        if ref:
+            nv.reference(_el(el, "originalText"), ref)
+        elif text:
+            _text_el(el, "originalText", text)
+        return el
+
+    def cd(
+        self, parent: etree._Element, tag: str, code: Code, default_system: str = "", ref: str = "", xsi_type: str = ""
+    ) -> etree._Element:
+        return self.fill_cd(_el(parent, tag, {XSI_TYPE: xsi_type} if xsi_type else None), code, default_system, ref)
+
+    def name(self, parent: etree._Element, name: Name, tag: str = "name") -> etree._Element:
+        """A US Realm name: both ``given`` and ``family`` (nullFlavor for the missing one), or nullFlavor."""
+        if not name:
+            return _el(parent, tag, {"nullFlavor": "UNK"})
+        el = _el(parent, tag)
+        if name.prefix:
+            _text_el(el, "prefix", name.prefix)
+        givens = [g for g in name.given if g]
+        for g in givens:
+            _text_el(el, "given", g)
+        if not givens:
+            _el(el, "given", {"nullFlavor": "UNK"})
+        if name.family:
+            _text_el(el, "family", name.family)
+        else:
+            _el(el, "family", {"nullFlavor": "UNK"})
+        if name.suffix:
+            _text_el(el, "suffix", name.suffix)
+        return el
+
+    def addr(self, parent: etree._Element, addrs: list[Address], exactly_one: bool = False) -> None:
+        """US Realm addresses (street line, city, state and ZIP for US; nullFlavor parts when unknown)."""
+        known = [a for a in addrs if a]
+        if not known:
+            _el(parent, "addr", {"nullFlavor": "UNK"})
+            return
+        for a in known[:1] if exactly_one else known:
+            el = _el(parent, "addr", {"use": a.use} if a.use in _ADDR_USES else None)
+            lines = [line for line in a.lines if line][:4]
+            for line in lines:
+                _text_el(el, "streetAddressLine", line)
+            if not lines:
+                _el(el, "streetAddressLine", {"nullFlavor": "UNK"})
+            if a.city:
+                _text_el(el, "city", a.city)
+            else:
+                _el(el, "city", {"nullFlavor": "UNK"})
+            us = a.country in ("", "US", "USA")
+            if a.state:
+                _text_el(el, "state", a.state)
+            elif us:
+                _el(el, "state", {"nullFlavor": "UNK"})
+            if a.postal_code:
+                _text_el(el, "postalCode", a.postal_code)
+            elif us:
+                _el(el, "postalCode", {"nullFlavor": "UNK"})
+            if a.country:
+                _text_el(el, "country", a.country)
+
+    def telecom(
+        self, parent: etree._Element, tels: list[Telecom], exactly_one: bool = False, required: bool = True
+    ) -> None:
+        known = [t for t in tels if _telecom_value(t.value)]
+        if not known:
+            if required:
+                _el(parent, "telecom", {"nullFlavor": "UNK"})
+            return
+        for t in known[:1] if exactly_one else known:
+            attrs = {"value": _telecom_value(t.value)}
+            if t.use in _TEL_USES:
+                attrs["use"] = t.use
+            _el(parent, "telecom", attrs)
+
+    # document
+
+    def build(self) -> etree._ElementTree:
+        r = self.r
+        doc = etree.Element(V3 + "ClinicalDocument", nsmap=NSMAP)
+        _el(doc, "realmCode", {"code": "US"})
+        _el(doc, "typeId", {"root": "2.16.840.1.113883.1.3", "extension": "POCD_HD000040"})
+        _el(doc, "templateId", {"root": US_REALM_HEADER[0]})
+        _el(doc, "templateId", {"root": US_REALM_HEADER[0], "extension": US_REALM_HEADER[1]})
+        # The Referral Note is new in R2.0: no R1.1 twin.
+        _el(doc, "templateId", {"root": REFERRAL_NOTE[0], "extension": REFERRAL_NOTE[1]})
+        _el(doc, "id", self.doc_id)
+        self.cd(doc, "code", DOCUMENT_CODE)
+        _text_el(doc, "title", self.o.title)
+        self.ts(doc, "effectiveTime", r.created, min_len=8)
+        _el(doc, "confidentialityCode", {"code": self.o.confidentiality, "codeSystem": OID["CONFIDENTIALITY"]})
+        _el(doc, "languageCode", {"code": self.o.language})
+        _el(doc, "setId", self.doc_id)
+        _el(doc, "versionNumber", {"value": "1"})
+        self.record_target(doc, r.patient)
+        self.author(doc, r.referring)
+        self.custodian(doc, r.custodian)
+        self.information_recipient(doc, r.recipient)
+        self.callback(doc, r.referring)
+        if self.vet and r.patient.owner is not None:
+            self.owner(doc, r.patient.owner)
+        body = _el(_el(doc, "component"), "structuredBody")
+        self.reason_section(body)
+        self.problems_section(body, r.problems)
+        self.allergies_section(body, r.allergies)
+        self.medications_section(body, r.medications)
+        self.results_section(body, r.results)
+        # The model carries no assessment text: the section (required next to PoT) says so.
+        self.section(body, _S_ASSESSMENT, False)
+        self.plan_section(body, r.plan)
+        self.payers_section(body, r.payers)
+        return etree.ElementTree(doc)
+
+    # header
+
+    def record_target(self, doc: etree._Element, p: Patient) -> None:
+        role = _el(_el(doc, "recordTarget"), "patientRole")
+        self.ids(role, p.ids)
+        self.addr(role, p.addr)
+        self.telecom(role, p.telecom)
+        pt = _el(role, "patient")
+        for n in [n for n in p.names if n] or [Name()]:
+            self.name(pt, n)
+        if self.vet:
+            desc = self.species_text(p)
+            if desc:
+                # sdtc:desc, the patient's description: the one Patient slot the SDTC schema offers for it.
+                etree.SubElement(pt, "{" + SDTC_NS + "}desc").text = nv.clean(desc)
+        gender = p.gender.code.upper() if p.gender.code else ""
+        if gender in _GENDER:
+            _el(
+                pt,
+                "administrativeGenderCode",
+                {"code": gender, "codeSystem": OID["ADMIN_GENDER"], "displayName": _GENDER[gender]},
+            )
+        else:
+            _el(pt, "administrativeGenderCode", {"nullFlavor": "UNK"})
+        self.ts(pt, "birthTime", p.birth_time, min_len=4)
+        if p.marital_status.code:
+            self.cd(pt, "maritalStatusCode", p.marital_status, "2.16.840.1.113883.5.2")
+        # Race and ethnicity do not apply to an animal: NA, not UNK.
+        absent = "NA" if self.vet else "UNK"
+        for tag, code in (("raceCode", p.race), ("ethnicGroupCode", p.ethnicity)):
+            if code.code:
+                self.cd(pt, tag, code, OID["RACE"])
+            else:
+                _el(pt, tag, {"nullFlavor": absent})
+        if token(p.language):
+            lc = _el(pt, "languageCommunication")
+            _el(lc, "languageCode", {"code": token(p.language)})
+            _el(lc, "preferenceInd", {"value": "true"})
+
+    @staticmethod
+    def species_text(p: Patient) -> str:
+        parts = []
+        if p.species:
+            parts.append("Species: " + _code_text(p.species))
+        if p.breed:
+            parts.append("Breed: " + _code_text(p.breed))
+        return "; ".join(parts)
+
+    def author(self, doc: etree._Element, ref: Party) -> None:
+        au = _el(doc, "author")
+        self.ts(au, "time", self.r.created, min_len=8)
+        aa = _el(au, "assignedAuthor")
+        self.ids(aa, ref.ids)
+        if ref.specialty.code:
+            self.cd(aa, "code", ref.specialty, OID["NUCC"])
+        self.addr(aa, ref.addr)
+        self.telecom(aa, _party_telecoms(ref))
+        self.name(_el(aa, "assignedPerson"), ref.name)
+        if ref.organization:
+            _text_el(_el(aa, "representedOrganization"), "name", ref.organization)
+
+    def custodian(self, doc: etree._Element, c: Party) -> None:
+        org = _el(_el(_el(doc, "custodian"), "assignedCustodian"), "representedCustodianOrganization")
+        self.ids(org, c.ids)
+        label = c.organization or _name_text(c.name)
+        if label:
+            _text_el(org, "name", label)
+        else:
+            _el(org, "name", {"nullFlavor": "UNK"})
+        self.telecom(org, _party_telecoms(c), exactly_one=True)
+        self.addr(org, c.addr, exactly_one=True)
+
+    def information_recipient(self, doc: etree._Element, rec: Party) -> None:
+        ir = _el(_el(doc, "informationRecipient"), "intendedRecipient")
+        self.ids(ir, rec.ids, required=False)
+        if any(rec.addr):
+            self.addr(ir, rec.addr)
+        self.telecom(ir, _party_telecoms(rec), required=False)
+        self.name(_el(ir, "informationRecipient"), rec.name)
+        if rec.organization:
+            _text_el(_el(ir, "receivedOrganization"), "name", rec.organization)
+
+    def callback(self, doc: etree._Element, ref: Party) -> None:
+        """The referring provider as the call-back contact (only when something about them is known)."""
+        if not (any(ref.ids) or ref.name or any(ref.telecom) or ref.direct_address):
+            return
+        ae = _el(_el(doc, "participant", {"typeCode": "CALLBCK"}), "associatedEntity", {"classCode": "ASSIGNED"})
+        self.ids(ae, ref.ids)
+        if ref.specialty.code:
+            self.cd(ae, "code", ref.specialty, OID["NUCC"])
+        if any(ref.addr):
+            self.addr(ae, ref.addr)
+        self.telecom(ae, _party_telecoms(ref))
+        self.name(_el(ae, "associatedPerson"), ref.name)
+        if ref.organization:
+            _text_el(_el(ae, "scopingOrganization"), "name", ref.organization)
+
+    def owner(self, doc: etree._Element, owner: Party) -> None:
+        """An animal's owner: participant IND, classCode PRS (personal relationship, INDRoleclassCodes)."""
+        ae = _el(_el(doc, "participant", {"typeCode": "IND"}), "associatedEntity", {"classCode": "PRS"})
+        self.ids(ae, owner.ids, required=False)
+        if owner.relationship.code:
+            self.cd(ae, "code", owner.relationship, OID["HL70063"])
+        if any(owner.addr):
+            self.addr(ae, owner.addr)
+        self.telecom(ae, _party_telecoms(owner), required=False)
+        self.name(_el(ae, "associatedPerson"), owner.name)
+        if owner.organization:
+            _text_el(_el(ae, "scopingOrganization"), "name", owner.organization)
+
+    # sections
+
+    @staticmethod
+    def section(body: etree._Element, proto: _Proto, has_data: bool) -> etree._Element:
+        """A section from its skeleton; without data, the "No information" form (NI, no entries)."""
+        sec = proto.add(body)["section"]
+        if not has_data:
+            sec.set("nullFlavor", "NI")
+            nv.no_information(sec)
+        return sec
+
+    def reason_section(self, body: etree._Element) -> None:
+        r = self.r
+        p = r.patient
+        vet_rows = self.vet and bool(p.species or p.breed or p.owner is not None)
+        has_referral = bool(r.reason or r.reason_text or r.requested_service or r.referral_id)
+        sec = self.section(body, _S_REASON, has_referral or vet_rows)
+        if not (has_referral or vet_rows):
+            return
+        text = nv.text_block(sec)
+        rows: list[list[nv.Cell | str]] = []
+        coded = _code_phrase(r.reason)
+        if r.reason_text and r.reason_text.strip().lower() == _code_text(r.reason).strip().lower():
+            reason = coded  # the same words twice: once, with the code
+        else:
+            reason = "; ".join(x for x in (r.reason_text, coded) if x)
+        if reason:
+            rows.append(["Reason for referral", nv.Cell(reason, "rfr-reason")])
+        if r.requested_service:
+            rows.append(["Requested service", nv.Cell(_code_phrase(r.requested_service), "rfr-service")])
+        if r.priority:
+            rows.append(["Priority", _code_text(r.priority)])
+        if r.referral_id:
+            ident = r.referral_id
+            rows.append(["Referral ID", ident.extension + (f" ({ident.authority})" if ident.authority else "")])
+        if _party_label(r.recipient):
+            rows.append(["Referred to", _party_label(r.recipient)])
+        if _party_label(r.referring):
+            contact = ", ".join(_telecom_value(t.value) for t in _party_telecoms(r.referring))
+            rows.append(["Referring provider", _party_label(r.referring) + (f" ({contact})" if contact else "")])
+        if rows:
+            nv.table(text, ["Item", "Details"], rows)
+        if vet_rows:
+            self.patient_table(text, p)
+        if has_referral:
+            self.referral_act(_el(sec, "entry"), bool(reason), bool(r.requested_service))
+        if vet_rows:
+            for key, code in (("species", p.species), ("breed", p.breed)):
+                if code:
+                    self.assertion(_el(sec, "entry"), key, code)
+
+    @staticmethod
+    def patient_table(text: etree._Element, p: Patient) -> None:
+        """The animal patient, its species/breed and its owner, stated for readers."""
+        owner = p.owner
+        contact = ", ".join(_telecom_value(t.value) for t in _party_telecoms(owner)) if owner else ""
+        nv.table(
+            text,
+            ["Patient", "Species", "Breed", "Owner", "Owner contact"],
+            [
+                [
+                    "; ".join(n.text() for n in p.names if n),
+                    nv.Cell(_code_text(p.species), "pt-species"),
+                    nv.Cell(_code_text(p.breed), "pt-breed"),
+                    _party_label(owner) if owner else "",
+                    contact,
+                ]
+            ],
+        )
+
+    def assertion(self, entry: etree._Element, key: str, code: Code) -> None:
+        """A coded statement about the patient (species, breed): ASSERTION with the code as value."""
+        obs = _el(entry, "observation", {"classCode": "OBS", "moodCode": "EVN"})
+        _el(obs, "id", self.uid("patient-" + key))
+        _el(obs, "code", {"code": "ASSERTION", "codeSystem": ACT_CODE, "displayName": "Assertion"})
+        nv.reference(_el(obs, "text"), "pt-" + key)
+        _el(obs, "statusCode", {"code": "completed"})
+        self.cd(obs, "value", code, OID["SNOMED"], ref="pt-" + key, xsi_type="CD")
+
+    def referral_act(self, entry: etree._Element, has_reason: bool, has_service: bool) -> None:
+        """Referral Act 4.140: the closed-loop key (``id`` = ``referral.referral_id``)."""
+        r = self.r
+        act = _el(entry, "act", {"classCode": "PCPR", "moodCode": "INT"})
+        _el(act, "templateId", {"root": "2.16.840.1.113883.10.20.22.4.140"})
+        self.ii(act, r.referral_id)
+        self.cd(act, "code", r.referral_type if r.referral_type else DEFAULT_REFERRAL_TYPE, OID["SNOMED"])
+        if has_reason:
+            nv.reference(_el(act, "text"), "rfr-reason")
+        _el(act, "statusCode", {"code": "active"})
+        self.ts(act, "effectiveTime", r.created)
+        if r.priority:
+            self.cd(act, "priorityCode", r.priority, OID["ACT_PRIORITY"])
+        if any(r.referring.ids):
+            # Author Participation pointing at the header author by id (CONF:1098-32628).
+            au = _el(act, "author")
+            _el(au, "templateId", {"root": "2.16.840.1.113883.10.20.22.4.119"})
+            self.ts(au, "time", r.created)
+            self.ids(_el(au, "assignedAuthor"), r.referring.ids)
+        rec = r.recipient
+        if any(rec.ids) or rec.name or rec.organization:
+            role = _el(_el(act, "participant", {"typeCode": "REFT"}), "participantRole", {"classCode": "PROV"})
+            self.ids(role, rec.ids)
+            if any(rec.addr):
+                self.addr(role, rec.addr)
+            self.telecom(role, _party_telecoms(rec), required=False)
+            self.name(_el(role, "playingEntity", {"classCode": "PSN"}), rec.name)
+            if rec.organization:
+                _text_el(_el(role, "scopingEntity"), "desc", rec.organization)
+        if has_service:
+            er = _el(act, "entryRelationship", {"typeCode": "SUBJ"})
+            obs = _el(er, "observation", {"classCode": "OBS", "moodCode": "RQO"})
+            _el(obs, "code", {"code": "ASSERTION", "codeSystem": ACT_CODE, "displayName": "Assertion"})
+            nv.reference(_el(obs, "text"), "rfr-service")
+            _el(obs, "statusCode", {"code": "completed"})
+            if r.priority:
+                self.cd(obs, "priorityCode", r.priority, OID["ACT_PRIORITY"])
+            self.cd(obs, "value", r.requested_service, ref="rfr-service", xsi_type="CD")
+        if r.reason:
+            # Indication (V2) 4.19: the coded reason for the referral.
+            er = _el(act, "entryRelationship", {"typeCode": "RSON"})
+            obs = _el(er, "observation", {"classCode": "OBS", "moodCode": "EVN"})
+            _el(obs, "templateId", {"root": "2.16.840.1.113883.10.20.22.4.19"})
+            _el(obs, "templateId", {"root": "2.16.840.1.113883.10.20.22.4.19", "extension": "2014-06-09"})
+            _el(obs, "id", self.uid("referral-indication"))
+            self.cd(obs, "code", CLINICAL_FINDING)
+            if has_reason:
+                nv.reference(_el(obs, "text"), "rfr-reason")
+            _el(obs, "statusCode", {"code": "completed"})
+            self.cd(obs, "value", r.reason, ref="rfr-reason" if has_reason else "", xsi_type="CD")
+
+    def interval(self, et: etree._Element, low: str, ended: bool = False, high: str = "") -> None:
+        """Fill ``effectiveTime`` with ``low`` (nullFlavor when unknown) and, when *ended*, ``high``."""
+        self.ts(et, "low", low)
+        if ended or high:
+            self.ts(et, "high", high)
+
+    def problems_section(self, body: etree._Element, problems: list[Problem]) -> None:
+        problems = [p for p in problems if p.code]
+        sec = self.section(body, _S_PROBLEMS, bool(problems))
+        if not problems:
+            return
+        rows = [
+            [nv.Cell(_code_text(p.code), f"prob-{i}"), _code_label(p.code), human_ts(p.onset), p.status]
+            for i, p in enumerate(problems, 1)
+        ]
+        nv.table(nv.text_block(sec), ["Problem", "Code", "Onset", "Status"], rows)
+        for i, p in enumerate(problems, 1):
+            ref = f"prob-{i}"
+            resolved = p.status.lower() not in ("", "active")
+            s = _E_PROBLEM.add(sec)
+            s["concern_id"].attrib.update(self.uid(f"problem-{i}"))
+            s["concern_status"].set("code", "completed" if resolved else "active")
+            if resolved:
+                _el(s["concern_time"], "high", {"nullFlavor": "UNK"})
+            s["id"].attrib.update(self.uid(f"problem-{i}-observation"))
+            s["ref"].set("value", "#" + ref)
+            self.interval(s["time"], p.onset, resolved)
+            self.fill_cd(s["value"], p.code, ref=ref)
+
+    def allergies_section(self, body: etree._Element, allergies: list[Allergy]) -> None:
+        allergies = [a for a in allergies if a.allergen]
+        sec = self.section(body, _S_ALLERGIES, bool(allergies))
+        if not allergies:
+            return
+        rows = [
+            [
+                nv.Cell(_code_text(a.allergen), f"alg-{i}"),
+                nv.Cell(_code_text(a.reaction), f"alg-{i}-reaction"),
+                nv.Cell(_code_text(a.severity), f"alg-{i}-severity"),
+                human_ts(a.onset),
+            ]
+            for i, a in enumerate(allergies, 1)
+        ]
+        nv.table(nv.text_block(sec), ["Allergen", "Reaction", "Severity", "Onset"], rows)
+        for i, a in enumerate(allergies, 1):
+            ref = f"alg-{i}"
+            s = _E_ALLERGY.add(sec)
+            s["concern_id"].attrib.update(self.uid(f"allergy-{i}"))
+            s["id"].attrib.update(self.uid(f"allergy-{i}-observation"))
+            s["ref"].set("value", "#" + ref)
+            self.interval(s["time"], a.onset)
+            self.fill_cd(s["allergen"], a.allergen, ref=ref)
+            target = s["observation"]
+            if a.reaction:
+                rx = _E_REACTION.add(target)
+                rx["id"].attrib.update(self.uid(f"allergy-{i}-reaction"))
+                rx["ref"].set("value", f"#{ref}-reaction")
+                self.fill_cd(rx["value"], a.reaction, OID["SNOMED"], ref=f"{ref}-reaction")
+                target = rx["observation"]
+            if a.severity:
+                sev = _E_SEVERITY.add(target)
+                sev["ref"].set("value", f"#{ref}-severity")
+                self.fill_cd(sev["value"], a.severity, OID["SNOMED"], ref=f"{ref}-severity")
+
+    def medications_section(self, body: etree._Element, medications: list[Medication]) -> None:
+        meds = [m for m in medications if m.drug]
+        sec = self.section(body, _S_MEDICATIONS, bool(meds))
+        if not meds:
+            return
+        rows = [
+            [
+                nv.Cell(_code_text(m.drug), f"med-{i}-name"),
+                _code_label(m.drug),
+                nv.Cell(m.instructions, f"med-{i}"),
+                human_ts(m.start),
+            ]
+            for i, m in enumerate(meds, 1)
+        ]
+        nv.table(nv.text_block(sec), ["Medication", "Code", "Instructions", "Start"], rows)
+        for i, m in enumerate(meds, 1):
+            s = _E_MEDICATION.add(sec)
+            s["id"].attrib.update(self.uid(f"medication-{i}"))
+            s["ref"].set("value", f"#med-{i}" if m.instructions else f"#med-{i}-name")
+            self.fill_ts(s["start"], m.start)
+            self.fill_cd(s["drug"], m.drug, OID["RXNORM"], ref=f"med-{i}-name")
+
+    def results_section(self, body: etree._Element, results: list[Result]) -> None:
+        results = [x for x in results if x.code]
+        sec = self.section(body, _S_RESULTS, bool(results))
+        if not results:
+            return
+        rows = [
+            [
+                nv.Cell(_code_text(x.code), f"res-{i}"),
+                nv.Cell(_result_value_text(x), f"res-{i}-value"),
+                x.reference_range,
+                x.interpretation,
+                human_ts(x.effective_time),
+            ]
+            for i, x in enumerate(results, 1)
+        ]
+        nv.table(nv.text_block(sec), ["Test", "Value", "Reference range", "Interpretation", "Date"], rows)
+        # One organizer per result time. The model has no panel (OBR-4): a lone result's organizer
+        # takes its code, several are an uncoded CLUSTER.
+        by_time: dict[str, list[tuple[int, Result]]] = {}
+        for i, x in enumerate(results, 1):
+            by_time.setdefault(x.effective_time, []).append((i, x))
+        for n, (when, group) in enumerate(by_time.items(), 1):
+            s = _E_RESULT_ORGANIZER.add(sec)
+            s["id"].attrib.update(self.uid(f"result-organizer-{n}"))
+            if len(group) == 1:
+                self.fill_cd(s["code"], group[0][1].code, OID["LOINC"])
+            else:
+                self.fill_cd(s["code"], Code(original_text="Results" + (f" {human_ts(when)}" if when else "")))
+            if ts_value(when):
+                et = etree.Element(V3 + "effectiveTime")
+                s["status"].addnext(et)
+                self.interval(et, when, True, when)
+            for i, x in group:
+                self.result_observation(s["organizer"], i, x)
+
+    def result_observation(self, organizer: etree._Element, i: int, x: Result) -> None:
+        s = _E_RESULT.add(organizer)
+        obs = s["observation"]
+        s["id"].attrib.update(self.uid(f"result-{i}"))
+        self.fill_cd(s["code"], x.code, OID["LOINC"], ref=f"res-{i}")
+        s["ref"].set("value", f"#res-{i}")
+        self.fill_ts(s["time"], x.effective_time)
+        value = x.value.strip()
+        unit = "".join(x.unit.split())  # UCUM has no spaces: "mg / dL" is "mg/dL"
+        if x.value_type == "PQ" and _NUMBER_RE.match(value):
+            attrs = {XSI_TYPE: "PQ", "value": value}
+            if unit:
+                attrs["unit"] = nv.clean(unit)
+            _el(obs, "value", attrs)
+        elif x.value_type == "CD" and x.coded_value:
+            self.cd(obs, "value", x.coded_value, OID["SNOMED"], ref=f"res-{i}-value", xsi_type="CD")
+        elif value:
+            # Text, or a "numeric" value that is not a number ("<5", "positive"): kept as sent, with its unit.
+            text = f"{value} {x.unit.strip()}" if x.value_type == "PQ" and x.unit.strip() else value
+            _text_el(obs, "value", text).set(XSI_TYPE, "ST")
+        else:
+            _el(obs, "value", {XSI_TYPE: "ST", "nullFlavor": "UNK"})
+        if token(x.interpretation):
+            interpretation = {"code": token(x.interpretation), "codeSystem": OBSERVATION_INTERPRETATION}
+            _el(obs, "interpretationCode", interpretation)
+        if x.reference_range:
+            rng = _el(_el(obs, "referenceRange"), "observationRange")
+            _text_el(rng, "text", x.reference_range)
+            m = _RANGE_RE.match(x.reference_range)
+            if x.value_type == "PQ" and m:
+                ivl = _el(rng, "value", {XSI_TYPE: "IVL_PQ"})
+                unit_attr = {"unit": nv.clean(unit)} if unit else {}
+                _el(ivl, "low", {"value": m.group(1), **unit_attr})
+                _el(ivl, "high", {"value": m.group(2), **unit_attr})
+            else:
+                _text_el(rng, "value", x.reference_range).set(XSI_TYPE, "ST")
+
+    def plan_section(self, body: etree._Element, plan: list[str]) -> None:
+        items = [x for x in (nv.clean(p).strip() for p in plan) if x]
+        sec = self.section(body, _S_PLAN, bool(items))
+        if items:
+            nv.item_list(nv.text_block(sec), [nv.Cell(x, f"pln-{i}") for i, x in enumerate(items, 1)])
+
+    def payers_section(self, body: etree._Element, payers: list[Payer]) -> None:
+        payers = [p for p in payers if p.name or any(p.ids) or p.member_id or p.authorization is not None]
+        sec = self.section(body, _S_PAYERS, bool(payers))
+        if not payers:
+            return
+        rows = []
+        for i, p in enumerate(payers, 1):
+            auth = p.authorization
+            period = " – ".join(human_ts(v) for v in (auth.effective, auth.expiration) if v) if auth else ""
+            rows.append(
+                [
+                    nv.Cell(p.name, f"pay-{i}"),
+                    nv.Cell(p.plan, f"pay-{i}-plan"),
+                    p.member_id,
+                    p.group_number,
+                    nv.Cell(auth.number if auth else "", f"pay-{i}-auth"),
+                    period,
+                    auth.authorized_visits if auth else "",
+                ]
+            )
+        headers = ["Payer", "Plan", "Member ID", "Group number", "Authorization", "Authorized period", "Visits"]
+        nv.table(nv.text_block(sec), headers, rows)
+        cov = _E_COVERAGE.add(sec)
+        cov["id"].attrib.update(self.uid("coverage"))
+        for i, p in enumerate(payers, 1):
+            self.policy(cov["act"], i, p)
+
+    def policy(self, coverage: etree._Element, i: int, p: Payer) -> None:
+        """Policy Activity 4.61: payer, covered party (member id), plan, authorization."""
+        s = _E_POLICY.add(coverage)
+        s["sequence"].set("value", str(i))
+        # Member, group and authorization numbers each live in the payer's own namespace: one local
+        # root per (payer, kind), never the payer organisation's OID (their values would collide).
+        label = p.name or next((x.authority or x.root for x in p.ids if x), "") or f"payer {i}"
+        if p.group_number:
+            self.fill_ii(s["id"], Identifier("", p.group_number, f"{label} group number"))
+        else:
+            s["id"].attrib.update(self.uid(f"policy-{i}"))
+        if p.name:
+            text = etree.Element(V3 + "text")
+            s["code"].addnext(text)
+            nv.reference(text, f"pay-{i}")
+        payer = s["payer"]
+        known_ids = [x for x in p.ids if x]
+        for ident in known_ids or [Identifier()]:
+            s["payer_code"].addprevious(self.fill_ii(etree.Element(V3 + "id"), ident))
+        if p.name:
+            _text_el(_el(payer, "representedOrganization"), "name", p.name)
+        self.fill_ii(s["member"], Identifier("", p.member_id, f"{label} member ID") if p.member_id else Identifier())
+        act = s["act"]
+        if p.plan or p.authorization is None:
+            plan = _E_PLAN.add(act)
+            plan["id"].attrib.update(self.uid(f"policy-{i}-plan"))
+            if p.plan:
+                text = etree.Element(V3 + "text")
+                plan["code"].addnext(text)
+                nv.reference(text, f"pay-{i}-plan")
+        auth = p.authorization
+        if auth is not None:
+            a = _E_AUTHORIZATION.add(act)
+            number = Identifier("", auth.number, f"{auth.payer or label} authorization")
+            self.fill_ii(a["id"], number if auth.number else Identifier())
+            if auth.number:
+                text = etree.Element(V3 + "text")
+                a["code"].addnext(text)
+                nv.reference(text, f"pay-{i}-auth")
+            # What is authorized: the requested service (else the referral itself), for the period.
+            r = self.r
+            service = a["service"]
+            self.fill_cd(service, r.requested_service or r.referral_type or DEFAULT_REFERRAL_TYPE, OID["SNOMED"])
+            if auth.authorized_visits:
+                _text_el(service.getparent(), "text", f"Authorized visits: {auth.authorized_visits}")
+            if ts_value(auth.effective) or ts_value(auth.expiration):
+                et = _el(service.getparent(), "effectiveTime")
+                if ts_value(auth.effective):
+                    self.ts(et, "low", auth.effective)
+                if ts_value(auth.expiration):
+                    self.ts(et, "high", auth.expiration)
+
+
+def _result_value_text(x: Result) -> str:
+    if x.value_type == "CD" and x.coded_value:
+        return _code_text(x.coded_value)
+    return " ".join(v for v in (x.value, x.unit) if v)
