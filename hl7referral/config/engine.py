@@ -17,7 +17,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..cda.mapping import load_mappings
 from .channels import ChannelConfig, load_channels
 from .directory import Directory, load_directory
 from .schema import ConfigError, toml_error_line, validate
@@ -186,6 +185,8 @@ def load_engine(
     channels = load_channels(channels_dir)
     mappings_value = {**defaults["mappings"], **data.get("mappings", {})}["dir"]
     mappings_dir = _resolve(base, mappings_value) if mappings_value else bundled_dir("mappings")
+    from ..cda.mapping import load_mappings  # here: cda.mapping itself imports config.schema
+
     mappings = load_mappings(mappings_dir) if any(c.mapping for c in channels) else {}
     directory = load_directory(channels_dir / "directory.toml")
     standards_value = {**defaults["standards"], **data.get("standards", {})}["dir"]

@@ -97,7 +97,11 @@ Repetition = list[list[str]]
 
 
 class Reader:
-    """Reads paths from one python-hl7 message."""
+    """Reads paths from one python-hl7 message.
+
+    Segments are indexed by name once, and each field is split and unescaped
+    once: a mapping reads the same few segments dozens of times.
+    """
 
     def __init__(self, message: hl7.Message) -> None:
         self.message = message
@@ -106,12 +110,17 @@ class Reader:
         self.field_sep = str(msh[1])
         self.component = sep[0] if len(sep) > 0 else "^"
         self.repetition = sep[1] if len(sep) > 1 else "~"
+        self.escape = sep[2] if len(sep) > 2 and sep[2] not in "&" else ""
         self.subcomponent = sep[3] if len(sep) > 3 else "&"
+        self._by_name: dict[str, list[hl7.Segment]] = {}
+        for seg in message:
+            self._by_name.setdefault(str(seg[0]), []).append(seg)
+        self._fields: dict[tuple[int, int], list[Repetition]] = {}
 
     # -- segments --------------------------------------------------------------
 
     def segments(self, path: Path) -> list[hl7.Segment]:
-        found = [s for s in self.message if str(s[0]) == path.segment]
+        found = self._by_name.get(path.segment, [])
         if path.selector_value is not None:
             found = [s for s in found if self._first_component(s, path.selector_field) == path.selector_value]
         if path.occurrence is None:
@@ -130,14 +139,22 @@ class Reader:
         return str(segment[n])
 
     def repetitions(self, segment: hl7.Segment, n: int) -> list[Repetition]:
+        key = (id(segment), n)
+        cached = self._fields.get(key)
+        if cached is None:
+            cached = self._fields[key] = self._split(segment, n)
+        return cached
+
+    def _split(self, segment: hl7.Segment, n: int) -> list[Repetition]:
         raw = self.raw_field(segment, n)
         if raw == "" or raw == '""':
             return []
         if n <= 2 and str(segment[0]) == "MSH":  # the delimiters themselves: never split
             return [[[raw]]]
+        esc, unescape = self.escape, self.message.unescape
         reps = []
         for rep in raw.split(self.repetition):
-            reps.append([[self.message.unescape(sub) for sub in comp.split(self.subcomponent)]
+            reps.append([[unescape(sub) if esc and esc in sub else sub for sub in comp.split(self.subcomponent)]
                          for comp in rep.split(self.component)])
         return reps
 
