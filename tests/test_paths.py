@@ -1,6 +1,5 @@
 import pytest
 
-from hl7referral.v2.parse import parse_message
 from hl7referral.v2.paths import PathError, Reader, parse_path
 
 MSG = ("MSH|^~\\&|EHR|CLINIC|HUB|HUB|20260101||REF^I12^REF_I12|P1|P|2.5.1\r"
@@ -14,7 +13,7 @@ MSG = ("MSH|^~\\&|EHR|CLINIC|HUB|HUB|20260101||REF^I12^REF_I12|P1|P|2.5.1\r"
 
 @pytest.fixture(scope="module")
 def reader():
-    return Reader(parse_message(MSG))
+    return Reader(MSG.decode())
 
 
 @pytest.mark.parametrize("path, expected", [

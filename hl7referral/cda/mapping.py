@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path as FilePath
 from typing import Any
 
-import hl7
-
 from ..config.schema import ConfigError, locate, toml_error_line
-from ..v2.parse import parse_message
+from ..v2 import charset
+from ..v2.header import BrokenHeader, NotHL7, read_header
+from ..v2.parse import ParseError
 from ..v2.paths import Path, PathError, Reader, parse_path
 from . import functions as fnlib
 from .model import OID, Code, Referral
@@ -151,14 +151,14 @@ class Mapping:
 
     # -- applying ------------------------------------------------------------------
 
-    def apply(self, message: hl7.Message) -> MappingResult:
-        reader = Reader(message)
+    def apply(self, reader: Reader) -> MappingResult:
         errors: list[MissingField] = []
         referral = _fill(self.root, Referral(), reader, None, errors, "")
         return MappingResult(referral, errors)
 
     def map_bytes(self, raw: bytes, default_charset: str = "ascii") -> MappingResult:
-        return self.apply(parse_message(raw, default_charset))
+        """Map a message's raw bytes; raises ParseError if it has no readable MSH or charset."""
+        return self.apply(read_message(raw, default_charset))
 
 
 def _compile(cls: type, body: dict, prefix: str, fail, functions: dict, tables: dict) -> ObjectMap:
@@ -311,6 +311,15 @@ def _describe(path: Path, segment) -> str:
     if path.segment is None and segment is not None:
         return f"{segment[0]}-{path.field}"
     return path.text
+
+
+def read_message(raw: bytes, default_charset: str = "ascii") -> Reader:
+    """A path reader over a message's bytes, decoded in its declared charset (MSH-18)."""
+    try:
+        codec = charset.codec_for(read_header(raw).charset, default_charset)
+        return Reader.from_bytes(raw, codec)
+    except (NotHL7, BrokenHeader, charset.UnknownCharset, UnicodeDecodeError) as exc:
+        raise ParseError(str(exc)) from None
 
 
 def load_mappings(directory: str | FilePath) -> dict[str, Mapping]:

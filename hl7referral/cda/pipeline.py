@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from ..config.channels import ChannelConfig
 from ..config.directory import Directory, Specialist
 from ..destination import NoDestination, resolve
-from ..v2.parse import ParseError, parse_message
+from ..v2.parse import ParseError
 from .mapping import Mapping, MissingField
 from .model import Identifier, Name, Telecom
 
@@ -63,7 +63,7 @@ class Pipeline:
         if mapping is None:
             return Processed(PARKED, reasons=[f"channel {channel.name} has no mapping"])
         try:
-            result = mapping.apply(parse_message(raw, self.default_charset))
+            result = mapping.map_bytes(raw, self.default_charset)
         except ParseError as exc:
             return Processed(PARKED, reasons=[f"message not parseable: {exc}"])
         referral = result.referral

@@ -33,7 +33,7 @@ from twisted.python.threadpool import ThreadPool
 from ..cda.mapping import MissingField
 from ..cda.pipeline import Pipeline, Processed
 from ..config import EngineConfig
-from ..v2.parse import ParseError, parse_message
+from ..v2.parse import ParseError
 from .ingest import iso_timestamp
 
 
@@ -143,7 +143,7 @@ class Processor:
         def check() -> list[MissingField]:
             mapping = self.config.mappings[self.channels[channel_name].mapping]
             try:
-                return mapping.apply(parse_message(raw)).errors
+                return mapping.map_bytes(raw).errors
             except ParseError as exc:
                 return [MissingField("message", f"not parseable: {exc}", "MSH", 0)]
         return self._in_thread(check)

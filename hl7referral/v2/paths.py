@@ -13,10 +13,15 @@ Grammar (1-based numbers, as HL7 counts)::
 A path without a segment (``-3.1`` or ``3.1``) is relative to a segment given by
 the caller (used for repeating groups: one DG1 at a time).
 
+The reader works on the message text: segments are split by the separator rule
+of :func:`hl7referral.v2.header.split_segments` and fields by the sender's own
+delimiters (a full python-hl7 parse would cost more than the whole mapping);
+escape sequences are python-hl7's ``unescape``.
+
 Invariants
 ----------
-* Values are unescaped (python-hl7's ``unescape`` with the message's own
-  delimiters); the message itself is never changed.
+* Values are unescaped with the message's own delimiters; the message itself
+  is never changed.
 * A missing segment, field, repetition or component yields no value, never an
   error: whether absence matters is the mapping's business.
 * :func:`parse_path` raises :class:`PathError` naming the bad part.
@@ -28,6 +33,8 @@ import re
 from dataclasses import dataclass
 
 import hl7
+
+from .header import BOM, read_header, split_segments
 
 _PATH = re.compile(
     r"""^(?P<seg>[A-Z][A-Z0-9]{2})?
@@ -96,30 +103,42 @@ def parse_path(text: str) -> Path:
 Repetition = list[list[str]]
 
 
+Segment = list[str]  # fields as text; index n is field n (MSH too: index 1 is MSH-1)
+
+
 class Reader:
-    """Reads paths from one python-hl7 message.
+    """Reads paths from one message's text.
 
     Segments are indexed by name once, and each field is split and unescaped
     once: a mapping reads the same few segments dozens of times.
     """
 
-    def __init__(self, message: hl7.Message) -> None:
-        self.message = message
-        msh = message.segment("MSH")
-        sep = str(msh[2])  # python-hl7 indexes MSH as HL7 counts: msh[1] = MSH-1
-        self.field_sep = str(msh[1])
-        self.component = sep[0] if len(sep) > 0 else "^"
-        self.repetition = sep[1] if len(sep) > 1 else "~"
-        self.escape = sep[2] if len(sep) > 2 and sep[2] not in "&" else ""
-        self.subcomponent = sep[3] if len(sep) > 3 else "&"
-        self._by_name: dict[str, list[hl7.Segment]] = {}
-        for seg in message:
-            self._by_name.setdefault(str(seg[0]), []).append(seg)
+    def __init__(self, text: str) -> None:
+        if text.startswith("\ufeff"):
+            text = text[1:]
+        d = read_header(text.encode("latin-1", errors="replace")[:4096]).delimiters
+        self.field_sep = d.field
+        self.component, self.repetition, self.subcomponent = d.component, d.repetition, d.subcomponent
+        self.escape = d.escape
+        self._unescaper = hl7.Message("\r", [], esc=d.escape or "\x1a",
+                                      separators="\r" + d.field + d.repetition + d.component + d.subcomponent)
+        self.segments_list: list[Segment] = []
+        self._by_name: dict[str, list[Segment]] = {}
+        for line in split_segments(text):
+            fields = line.split(d.field)
+            if fields[0] == "MSH":
+                fields.insert(1, d.field)
+            self.segments_list.append(fields)
+            self._by_name.setdefault(fields[0], []).append(fields)
         self._fields: dict[tuple[int, int], list[Repetition]] = {}
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, codec: str) -> "Reader":
+        return cls(raw.removeprefix(BOM).decode(codec))
 
     # -- segments --------------------------------------------------------------
 
-    def segments(self, path: Path) -> list[hl7.Segment]:
+    def segments(self, path: Path) -> list[Segment]:
         found = self._by_name.get(path.segment, [])
         if path.selector_value is not None:
             found = [s for s in found if self._first_component(s, path.selector_field) == path.selector_value]
@@ -127,31 +146,29 @@ class Reader:
             return found
         return found[path.occurrence - 1: path.occurrence]
 
-    def _first_component(self, segment: hl7.Segment, n: int) -> str:
+    def _first_component(self, segment: Segment, n: int) -> str:
         raw = self.raw_field(segment, n)
         return raw.split(self.repetition)[0].split(self.component)[0].strip()
 
     # -- fields ------------------------------------------------------------------
 
-    def raw_field(self, segment: hl7.Segment, n: int) -> str:
-        if n >= len(segment):
-            return ""
-        return str(segment[n])
+    def raw_field(self, segment: Segment, n: int) -> str:
+        return segment[n] if n < len(segment) else ""
 
-    def repetitions(self, segment: hl7.Segment, n: int) -> list[Repetition]:
+    def repetitions(self, segment: Segment, n: int) -> list[Repetition]:
         key = (id(segment), n)
         cached = self._fields.get(key)
         if cached is None:
             cached = self._fields[key] = self._split(segment, n)
         return cached
 
-    def _split(self, segment: hl7.Segment, n: int) -> list[Repetition]:
+    def _split(self, segment: Segment, n: int) -> list[Repetition]:
         raw = self.raw_field(segment, n)
         if raw == "" or raw == '""':
             return []
-        if n <= 2 and str(segment[0]) == "MSH":  # the delimiters themselves: never split
+        if n <= 2 and segment[0] == "MSH":  # the delimiters themselves: never split
             return [[[raw]]]
-        esc, unescape = self.escape, self.message.unescape
+        esc, unescape = self.escape, self._unescaper.unescape
         reps = []
         for rep in raw.split(self.repetition):
             reps.append([[unescape(sub) if esc and esc in sub else sub for sub in comp.split(self.subcomponent)]
@@ -160,7 +177,7 @@ class Reader:
 
     # -- evaluation --------------------------------------------------------------
 
-    def values(self, path: Path, segment: hl7.Segment | None = None) -> list:
+    def values(self, path: Path, segment: Segment | None = None) -> list:
         """Every value ``path`` names: strings when it names a component, else repetitions.
 
         With ``segment``, a path without a segment name is read from it.
