@@ -292,8 +292,8 @@ def map_command(config, store, overrides, channel_name, validate_only, message) 
     validator = None
     if cfg.standards_dir is not None:
         from .cda.validate import Validator
-        validator = Validator(cfg.standards_dir)
-    pipeline = Pipeline(cfg.mappings, cfg.directory, validator)
+        validator = Validator(cfg.standards_dir, cache_dir=cfg.schematron_cache)
+    pipeline = Pipeline(cfg.mappings, cfg.directory, validator, local_root=cfg.local_root)
     result = pipeline.run(raw, channel, now=time.strftime("%Y%m%d%H%M%S+0000", time.gmtime()))
     if validate_only:
         for reason in result.reasons:

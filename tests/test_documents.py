@@ -125,3 +125,21 @@ def test_accepted_messages_without_a_document_are_processed_at_start(tmp_path):
     finally:
         e.stop()
     assert (row["channel"], row["status"], row["referral_id"]) == ("orm-o01", "ready", "SAMPLEORD0001")
+
+
+def test_local_root_names_namespace_only_ids(tmp_path):
+    e = EngineProcess.start(tmp_path, "--set", 'cda.local_root="1.2.3.4.5"')
+    try:
+        send_all(e, ROOT / "samples/orm-o01.hl7")
+        (row,) = documents(e, 1)
+        doc = xml_of(e, row["id"])
+    finally:
+        e.stop()
+    roots = doc.xpath("//v3:recordTarget/v3:patientRole/v3:id/@root", namespaces=NS)
+    assert roots and all(r.startswith("1.2.3.4.5.") for r in roots)
+
+
+def test_local_root_must_be_an_oid(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "hl7referral", "check", "--set", 'cda.local_root="my-org"'],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "cda.local_root: 'my-org' is not an OID" in r.stderr

@@ -48,16 +48,17 @@ def referral_key(ident: Identifier) -> str:
 
 class Pipeline:
     def __init__(self, mappings: dict[str, Mapping], directory: Directory, validator=None,
-                 clock=None, default_charset: str = "ascii") -> None:
+                 clock=None, default_charset: str = "ascii", local_root: str | None = None) -> None:
         self.mappings = mappings
         self.directory = directory
         self.validator = validator  # None: documents cannot be checked, so they are parked
         self.clock = clock
         self.default_charset = default_charset
+        self.local_root = local_root
 
     def run(self, raw: bytes, channel: ChannelConfig, *, document_uuid: str | None = None,
             now: str | None = None) -> Processed:
-        from .referral_note import build_referral_note, to_bytes
+        from .referral_note import BuildOptions, build_referral_note, to_bytes
 
         mapping = self.mappings.get(channel.mapping or "")
         if mapping is None:
@@ -78,7 +79,8 @@ class Pipeline:
             return out  # a document without its required fields would be wrong, not just incomplete
         referral.document_id = Identifier(root=document_uuid or str(uuid.uuid4()))
         referral.created = now or referral.created
-        tree = build_referral_note(referral)
+        options = BuildOptions(local_root=self.local_root) if self.local_root else None
+        tree = build_referral_note(referral, options)
         out.document = to_bytes(tree)
         if self.validator is None:
             out.reasons.append("no standards directory configured: the document cannot be validated")

@@ -10,6 +10,7 @@ directory.
 from __future__ import annotations
 
 import copy
+import re
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -44,7 +45,8 @@ ENGINE_SCHEMA = {
     "log": {"level": ("debug", "info", "warn", "error")},
     "channels": {"dir": str},
     "mappings": {"dir": str},
-    "standards": {"dir": str},
+    "standards": {"dir": str, "cache_dir": str},
+    "cda": {"local_root": str},
     "listeners": [LISTENER_SCHEMA],
 }
 
@@ -81,6 +83,8 @@ class EngineConfig:
     mappings: dict = field(default_factory=dict)
     directory: Directory | None = None
     standards_dir: Path | None = None
+    schematron_cache: Path | None = None
+    local_root: str = "2.16.840.1.113883.19"
 
     def channels_for(self, listener: str) -> list[ChannelConfig]:
         return [c for c in self.channels if c.listener == listener]
@@ -189,8 +193,12 @@ def load_engine(
 
     mappings = load_mappings(mappings_dir) if any(c.mapping for c in channels) else {}
     directory = load_directory(channels_dir / "directory.toml")
-    standards_value = {**defaults["standards"], **data.get("standards", {})}["dir"]
-    standards_dir = _resolve(base, standards_value) if standards_value else default_standards_dir()
+    standards_cfg = {**defaults["standards"], **data.get("standards", {})}
+    standards_dir = _resolve(base, standards_cfg["dir"]) if standards_cfg["dir"] else default_standards_dir()
+    schematron_cache = _resolve(base, standards_cfg["cache_dir"]) if standards_cfg["cache_dir"] else None
+    local_root = {**defaults["cda"], **data.get("cda", {})}["local_root"]
+    if not re.fullmatch(r"[0-2](\.(0|[1-9]\d*))+", local_root):
+        raise ConfigError(source, 0, "cda.local_root", f"{local_root!r} is not an OID")
     for ch in channels:
         _check_channel(ch, mappings, directory)
     known = {lc.name for lc in listeners}
@@ -213,6 +221,8 @@ def load_engine(
         mappings=mappings,
         directory=directory,
         standards_dir=standards_dir,
+        schematron_cache=schematron_cache,
+        local_root=local_root,
     )
 
 

@@ -48,7 +48,7 @@ class Processor:
         self.committer = committer
         self.reactor = reactor
         self.channels = {c.name: c for c in config.channels if c.mapping}
-        self.pipeline = Pipeline(config.mappings, config.directory, validator=None)
+        self.pipeline = Pipeline(config.mappings, config.directory, validator=None, local_root=config.local_root)
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name="hl7referral-documents")
         self._validator_ready = False
         self._backlog: deque[tuple[int, str, bytes | None]] = deque()
@@ -90,7 +90,8 @@ class Processor:
             self._validator_ready = True
             if self.config.standards_dir is not None:
                 from ..cda.validate import Validator
-                self.pipeline.validator = Validator(self.config.standards_dir)
+                self.pipeline.validator = Validator(self.config.standards_dir,
+                                                    cache_dir=self.config.schematron_cache)
 
     def _run(self, raw: bytes, channel_name: str) -> Processed:
         self._ensure_validator()
