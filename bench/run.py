@@ -137,7 +137,14 @@ def engine_server(workdir: Path, *, profile: Path | None = None, caps: int | Non
     cmd = [PY]
     if profile is not None:
         cmd += ["-m", "cProfile", "-o", str(profile)]
-    cmd += ["-m", "hl7referral", "serve", "--store", str(workdir / "engine.db"),
+    # The listener and the store only: one REF^I12 channel without a mapping. Document
+    # building runs after the ACK on its own thread and is measured by bench/cda.py.
+    (workdir / "channels").mkdir(exist_ok=True)
+    (workdir / "channels" / "ref-i12.toml").write_text(
+        'name = "bench-ref-i12"\n[source]\nlistener = "main"\naccept = ["REF^I12"]\n')
+    (workdir / "engine.toml").write_text('[channels]\ndir = "channels"\n')
+    cmd += ["-m", "hl7referral", "serve", "--config", str(workdir / "engine.toml"),
+            "--store", str(workdir / "engine.db"),
             "--listen", "tcp:0:interface=127.0.0.1", "--set", 'log.level="warn"']
     if caps:
         cmd += ["--set", f"listeners.0.max_connections={caps}",
