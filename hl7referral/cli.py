@@ -52,6 +52,15 @@ def config_options(fn):
     return fn
 
 
+def emit(rows: list[dict], as_json: bool, line) -> None:
+    """Print rows as one JSON array, or one line per row with ``line(row)``."""
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(line(r))
+
+
 def _load(config, store, overrides, listen=()):
     return load_engine(config, overrides=overrides, store=store, listen=listen)
 
@@ -170,14 +179,11 @@ def messages_list(config, store, overrides, limit, status, control_id, as_json) 
     """The newest messages, one line each."""
     s = _open_store(config, store, overrides)
     rows = s.list_messages(limit=limit, status=status, control_id=control_id)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    for r in rows:
-        click.echo(f"{r['id']:>7}  {r['received_at']}  {r['status']:<8}  {r['ack_code'] or '-':<2}  "
-                   f"{r['message_type'] or '-':<8}  {r['control_id'] or '-'}"
-                   f"{'  dup×' + str(r['duplicates']) if r['duplicates'] else ''}"
-                   f"{'  ' + r['error'] if r['error'] else ''}")
+    emit(rows, as_json, lambda r: (
+        f"{r['id']:>7}  {r['received_at']}  {r['status']:<8}  {r['ack_code'] or '-':<2}  "
+        f"{r['message_type'] or '-':<8}  {r['control_id'] or '-'}"
+        f"{'  dup×' + str(r['duplicates']) if r['duplicates'] else ''}"
+        f"{'  ' + r['error'] if r['error'] else ''}"))
 
 
 @messages.command("show")
@@ -237,12 +243,9 @@ def channels_list(config, store, overrides, as_json) -> None:
     rows = [{"name": c.name, "listener": c.listener, "accept": list(c.accept), "mapping": c.mapping,
              "ack_mode": c.ack_mode, "destination": _destination_text(c), "transports": list(c.transports),
              "sending_facilities": list(c.sending_facilities), "file": c.file} for c in cfg.channels]
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    for r in rows:
-        click.echo(f"{r['name']:<10} {r['listener']:<6} {','.join(r['accept']):<10} mapping={r['mapping'] or '-':<9} "
-                   f"ack={r['ack_mode']:<13} to={r['destination'] or '-'} via={','.join(r['transports']) or '-'}")
+    emit(rows, as_json, lambda r: (
+        f"{r['name']:<10} {r['listener']:<6} {','.join(r['accept']):<10} mapping={r['mapping'] or '-':<9} "
+        f"ack={r['ack_mode']:<13} to={r['destination'] or '-'} via={','.join(r['transports']) or '-'}"))
 
 
 def _destination_text(c) -> str:
@@ -323,14 +326,14 @@ def documents() -> None:
 def documents_list(config, store, overrides, status, limit, as_json) -> None:
     """The newest documents: id, message, channel, referral id, status, destination or reasons."""
     rows = _open_store(config, store, overrides).list_documents(limit=limit, status=status)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    for r in rows:
+
+    def line(r: dict) -> str:
         dest = json.loads(r["destination"] or "{}").get("name", "-")
         tail = f"to {dest}" if r["status"] == "ready" else (r["reasons"] or "").replace("\n", "; ")
-        click.echo(f"{r['id']:>6}  #{r['message_id']:<6} {r['channel']:<9} {r['referral_id'] or '-':<28} "
-                   f"{r['status']:<7} {tail}")
+        return (f"{r['id']:>6}  #{r['message_id']:<6} {r['channel']:<9} {r['referral_id'] or '-':<28} "
+                f"{r['status']:<7} {tail}")
+
+    emit(rows, as_json, line)
 
 
 @documents.command("show")
@@ -361,12 +364,9 @@ def alerts() -> None:
 def alerts_list(config, store, overrides, limit, as_json) -> None:
     """The newest alerts: when, kind, referral id, owner, text."""
     rows = _open_store(config, store, overrides).list_alerts(limit=limit)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    for r in rows:
-        click.echo(f"{r['id']:>6}  {r['created_at']}  {r['kind']:<22} {r['referral_id'] or '-':<24} "
-                   f"{r['owner']:<12} {r['text']}")
+    emit(rows, as_json, lambda r: (
+        f"{r['id']:>6}  {r['created_at']}  {r['kind']:<22} {r['referral_id'] or '-':<24} "
+        f"{r['owner']:<12} {r['text']}"))
 
 
 # -- check -----------------------------------------------------------------------
