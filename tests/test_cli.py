@@ -113,7 +113,7 @@ def test_logs_carry_control_ids_never_patient_names(tmp_path):
     e = EngineProcess.start(tmp_path, "--set", 'log.level="debug"')
     try:
         f = tmp_path / "m.hl7"
-        name = "Zebulonia^Quixtrophe"
+        name = "Zebul\\pl\\onia^Quixtrophe"  # an unknown escape: python-hl7 would log the field
         msgs = [ref_i12("PHI1", pid=f"PID|1||MRN777^^^C^MR||{name}||19700101|F"),
                 ref_i12("PHI2", pid=f"PID|1||MRN777^^^C^MR||{name}||1970XX01|F"),
                 ref_i12("PHI3", kind="ADT^A01", pid=f"PID|1||MRN777^^^C^MR||{name}||19700101|F")]
@@ -123,7 +123,7 @@ def test_logs_carry_control_ids_never_patient_names(tmp_path):
         e.stop()
     log = e.log
     assert "PHI1" in log and "PHI2" in log and "PHI3" in log
-    assert "Zebulonia" not in log and "Quixtrophe" not in log and "MRN777" not in log
+    assert "Zebul" not in log and "Quixtrophe" not in log and "MRN777" not in log
 
 
 @pytest.mark.timeout(60)

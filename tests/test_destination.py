@@ -83,3 +83,21 @@ def test_after_mapping_needs_a_mapping(tmp_path):
                                '[ack]\nmode = "after-mapping"\n')
     with pytest.raises(ConfigError, match="after-mapping needs a mapping"):
         load_engine(cfg)
+
+
+def test_listen_merging_listeners_rechecks_routes(tmp_path):
+    (tmp_path / "channels").mkdir()
+    for name, listener in (("a", "one"), ("b", "two")):
+        (tmp_path / "channels" / f"{name}.toml").write_text(
+            f'name = "{name}"\n[source]\nlistener = "{listener}"\naccept = ["REF^I12"]\n')
+    cfg = tmp_path / "engine.toml"
+    cfg.write_text('[channels]\ndir = "channels"\n[[listeners]]\nname = "one"\nendpoint = "tcp:1"\n'
+                   '[[listeners]]\nname = "two"\nendpoint = "tcp:2"\n')
+    assert len(load_engine(cfg).channels) == 2  # fine on two listeners
+    with pytest.raises(ConfigError, match="already taken by channel 'a'"):
+        load_engine(cfg, listen=["tcp:0"])
+
+
+def test_standards_dir_must_hold_the_schema(tmp_path):
+    with pytest.raises(ConfigError, match="standards.dir: .*CDA_SDTC.xsd not found"):
+        load_engine(overrides=[f'standards.dir="{tmp_path}"'])

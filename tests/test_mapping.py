@@ -79,6 +79,7 @@ def write(tmp_path, text):
     ('[patient]\ngender = { path = "PID-8", table = "sex" }\n', 3, "patient.gender", "no [tables.sex]"),
     ('[problems]\ncode = "3"\n', 2, "problems", "give each ="),
     ('[patient]\nnames = { path = "PID-5", colour = "x" }\n', 3, "patient.names", "unknown rule key(s) colour"),
+    ('referral_id = { path = "6" }\n', 2, "referral_id", "only works in a list with each"),
 ])
 def test_broken_mapping_files_name_file_line_key(tmp_path, text, line, key, words):
     p = write(tmp_path, text)

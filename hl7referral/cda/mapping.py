@@ -161,7 +161,8 @@ class Mapping:
         return self.apply(read_message(raw, default_charset))
 
 
-def _compile(cls: type, body: dict, prefix: str, fail, functions: dict, tables: dict) -> ObjectMap:
+def _compile(cls: type, body: dict, prefix: str, fail, functions: dict, tables: dict,
+             in_each: bool = False) -> ObjectMap:
     hints = _hints(cls)
     rules: list[Rule] = []
     children: dict[str, ObjectMap] = {}
@@ -181,12 +182,15 @@ def _compile(cls: type, body: dict, prefix: str, fail, functions: dict, tables: 
             fail(where, f"{cls.__name__} has no field {key!r} (fields: {known})")
         item, many, _ = _unwrap(hints[key])
         if dataclasses.is_dataclass(item) and isinstance(spec, dict) and not (RULE_KEYS & set(spec)):
-            child = _compile(item, spec, f"{where}.", fail, functions, tables)
-            if many and child.each is None:
+            if many and "each" not in spec:
                 fail(where, f"a list of {item.__name__}: give each = \"SEGMENT(*)\"")
+            child = _compile(item, spec, f"{where}.", fail, functions, tables, in_each or "each" in spec)
             children[key] = child
             continue
-        rules.append(_rule(key, item, many, spec, where, fail, functions, tables))
+        rule = _rule(key, item, many, spec, where, fail, functions, tables)
+        if not in_each and any(p.segment is None for p in rule.paths):
+            fail(where, "a path without a segment name (like \"3.1\") only works in a list with each = \"SEG(*)\"")
+        rules.append(rule)
     return ObjectMap(cls, rules, children, each)
 
 

@@ -55,16 +55,17 @@ class Pipeline:
         self.clock = clock
         self.default_charset = default_charset
         self.local_root = local_root
+        self.validator_error = "no standards directory configured: the document cannot be validated"
 
     def run(self, raw: bytes, channel: ChannelConfig, *, document_uuid: str | None = None,
-            now: str | None = None) -> Processed:
+            now: str | None = None, codec: str | None = None) -> Processed:
         from .referral_note import BuildOptions, build_referral_note, to_bytes
 
         mapping = self.mappings.get(channel.mapping or "")
         if mapping is None:
             return Processed(PARKED, reasons=[f"channel {channel.name} has no mapping"])
         try:
-            result = mapping.map_bytes(raw, self.default_charset)
+            result = mapping.map_bytes(raw, codec or self.default_charset)
         except ParseError as exc:
             return Processed(PARKED, reasons=[f"message not parseable: {exc}"])
         referral = result.referral
@@ -83,7 +84,7 @@ class Pipeline:
         tree = build_referral_note(referral, options)
         out.document = to_bytes(tree)
         if self.validator is None:
-            out.reasons.append("no standards directory configured: the document cannot be validated")
+            out.reasons.append(self.validator_error)
         else:
             report = self.validator.validate(tree)
             out.reasons += [line for line in report.lines()] if not report.ok else []

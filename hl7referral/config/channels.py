@@ -100,6 +100,12 @@ def load_channels(directory: Path) -> list[ChannelConfig]:
     if not directory.is_dir():
         raise ConfigError(str(directory), 0, "", "channels directory not found")
     channels = [load_channel(p) for p in sorted(directory.glob("*.toml")) if p.name != "directory.toml"]
+    check_routes(channels)
+    return channels
+
+
+def check_routes(channels: list[ChannelConfig]) -> None:
+    """Refuse two channels taking the same message type from the same facility on one listener."""
     seen: dict[str, ChannelConfig] = {}
     routes: dict[tuple[str, str, str], ChannelConfig] = {}
     for ch in channels:
@@ -114,4 +120,3 @@ def load_channels(directory: Path) -> list[ChannelConfig]:
                     raise ConfigError(ch.file, ch.line_of("source.accept"), "source.accept",
                                       f"{kind} from {facility} is already taken by channel {routes[key].name!r}")
                 routes[key] = ch
-    return channels

@@ -18,11 +18,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .channels import ChannelConfig, load_channels
+from .channels import ChannelConfig, check_routes, load_channels
 from .directory import Directory, load_directory
 from .schema import ConfigError, toml_error_line, validate
 
 DEFAULTS_NAME = "<embedded defaults>"
+STANDARDS_FILES = ("cda-schema/extensions/SDTC/infrastructure/cda/CDA_SDTC.xsd", "ccda-r2.1/ccda-r2.1.sch",
+                   "ccda-r2.1/voc.xml")
 
 LISTENER_SCHEMA = {
     "name": str,
@@ -196,6 +198,10 @@ def load_engine(
     standards_cfg = {**defaults["standards"], **data.get("standards", {})}
     standards_dir = _resolve(base, standards_cfg["dir"]) if standards_cfg["dir"] else default_standards_dir()
     schematron_cache = _resolve(base, standards_cfg["cache_dir"]) if standards_cfg["cache_dir"] else None
+    if standards_dir is not None:
+        for needed in STANDARDS_FILES:
+            if not (standards_dir / needed).is_file():
+                raise ConfigError(source, 0, "standards.dir", f"{standards_dir / needed} not found")
     local_root = {**defaults["cda"], **data.get("cda", {})}["local_root"]
     if not re.fullmatch(r"[0-2](\.(0|[1-9]\d*))+", local_root):
         raise ConfigError(source, 0, "cda.local_root", f"{local_root!r} is not an OID")
@@ -208,7 +214,9 @@ def load_engine(
             raise ConfigError(ch.file, ch.line_of("source.listener"), "source.listener",
                               f"no listener named {ch.listener!r} (have: {', '.join(sorted(known))})")
     if listen:
+        # --listen puts every channel on the new listeners: their routes must still be distinct.
         channels = [ch.with_listener(listeners[0].name) for ch in channels]
+        check_routes(channels)
     return EngineConfig(
         source=source,
         store_path=store_path,

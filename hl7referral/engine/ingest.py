@@ -98,8 +98,9 @@ class Ingest:
         if t.accepted and self.processor is not None and t.channel in self.after_mapping:
             # ACK after mapping: a referral missing a required field is refused
             # now (AE naming the field), not parked after an AA.
-            d = self.processor.premap(t.channel, payload)
-            d.addCallback(self._mapped, t, payload, now, peer)
+            d = self.processor.premap(t.channel, payload, t.codec)
+            d.addCallbacks(self._mapped, self._premap_failed, callbackArgs=(t, payload, now, peer),
+                           errbackArgs=(t, payload, now, peer))
             return d
         return self._commit(t, payload, now, peer)
 
@@ -107,6 +108,14 @@ class Ingest:
         if missing:
             problems = tuple(Problem(101, m.segment or "MSH", m.field, m.text) for m in missing)
             t = dataclasses.replace(t, code="AE", errors=problems)
+        return self._commit(t, payload, now, peer)
+
+    def _premap_failed(self, failure, t: Triage, payload: bytes, now: float, peer: str) -> "Deferred[Reply]":
+        # The mapping itself broke (a plugin function, say): the message is fine as
+        # far as the sender can know, so store and acknowledge it; the document
+        # step parks it with the error and an alert.
+        self.log.failure("mapping check for {cid} failed; storing it for the document step", failure,
+                         cid=t.header.control_id)
         return self._commit(t, payload, now, peer)
 
     def _commit(self, t: Triage, payload: bytes, now: float, peer: str) -> "Deferred[Reply]":
@@ -187,7 +196,7 @@ class Ingest:
         elif t.accepted:
             self.counts["accepted"] += 1
             if self.processor is not None:
-                self.processor.submit(outcome.message_id, t.channel, payload)
+                self.processor.submit(outcome.message_id, t.channel, payload, t.codec)
             if self.trace:
                 self.log.debug("stored #{id} {type} {cid} -> {channel}", id=outcome.message_id,
                                type=h.type_and_event, cid=h.control_id, channel=t.channel)

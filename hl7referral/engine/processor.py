@@ -51,7 +51,8 @@ class Processor:
         self.pipeline = Pipeline(config.mappings, config.directory, validator=None, local_root=config.local_root)
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name="hl7referral-documents")
         self._validator_ready = False
-        self._backlog: deque[tuple[int, str, bytes | None]] = deque()
+        self._backlog: deque[tuple[int, str, bytes | None, str]] = deque()
+        self._queued: set[int] = set()  # message ids in the backlog or in flight: never built twice
         self._busy = False
         self._stopping = False
         self.counts = dict(ready=0, parked=0)
@@ -73,9 +74,9 @@ class Processor:
         if rows:
             self.log.info("processing {n} accepted message(s) that have no document yet", n=len(rows))
         for row in rows:
-            self.submit(row["id"], row["channel"], row["raw"])
+            self.submit(row["id"], row["channel"], row["raw"], row["charset"] or "ascii")
         if len(rows) >= RECOVERY_BATCH:
-            self._backlog.append((-1, "", None))  # marker: fetch the next batch when this one is done
+            self._backlog.append((-1, "", None, ""))  # marker: fetch the next batch when this one is done
             self._pump()
 
     # -- work ----------------------------------------------------------------------
@@ -85,40 +86,56 @@ class Processor:
 
     def _ensure_validator(self) -> None:
         # Loading the schema and the compiled Schematron takes a while: do it on
-        # the document thread, once, so listeners open at once.
-        if not self._validator_ready:
-            self._validator_ready = True
-            if self.config.standards_dir is not None:
-                from ..cda.validate import Validator
-                self.pipeline.validator = Validator(self.config.standards_dir,
-                                                    cache_dir=self.config.schematron_cache)
+        # the document thread, once, so listeners open at once. If it cannot be
+        # loaded, every document is parked with that reason.
+        if self._validator_ready or self.config.standards_dir is None:
+            return
+        from ..cda.validate import Validator
+        try:
+            self.pipeline.validator = Validator(self.config.standards_dir, cache_dir=self.config.schematron_cache)
+        except Exception as exc:  # noqa: BLE001 - any failure here must park, not lose, referrals
+            self.pipeline.validator_error = f"validator unavailable: {type(exc).__name__}: {exc}"
+            self.log.error("{why}", why=self.pipeline.validator_error)
+        self._validator_ready = True
 
-    def _run(self, raw: bytes, channel_name: str) -> Processed:
+    def _run(self, raw: bytes, channel_name: str, codec: str) -> Processed:
         self._ensure_validator()
-        return self.pipeline.run(raw, self.channels[channel_name], now=_cda_time(self.reactor.seconds()))
+        return self.pipeline.run(raw, self.channels[channel_name], now=_cda_time(self.reactor.seconds()),
+                                 codec=codec)
 
-    def submit(self, message_id: int, channel_name: str, raw: bytes) -> None:
-        if channel_name in self.channels and not self._stopping:
-            self._backlog.append((message_id, channel_name, raw))
+    def submit(self, message_id: int, channel_name: str, raw: bytes, codec: str = "ascii") -> None:
+        if channel_name in self.channels and not self._stopping and message_id not in self._queued:
+            self._queued.add(message_id)
+            self._backlog.append((message_id, channel_name, raw, codec))
             self._pump()
 
     def _pump(self) -> None:
         if self._busy or not self._backlog or self._stopping:
             return
-        message_id, channel_name, raw = self._backlog.popleft()
+        message_id, channel_name, raw, codec = self._backlog.popleft()
         self._busy = True
         if raw is None:  # the recovery marker
             d = self.committer.run(lambda store: store.unprocessed(sorted(self.channels), RECOVERY_BATCH))
             d.addCallback(self._recover)
         else:
-            d = self._in_thread(self._run, raw, channel_name)
+            d = self._in_thread(self._run, raw, channel_name, codec)
+            d.addErrback(self._crashed, message_id, channel_name)
             d.addCallback(self._save, message_id, channel_name)
             d.addErrback(self._failed, message_id, channel_name)
-        d.addBoth(self._done)
+        d.addBoth(self._done, message_id)
 
-    def _done(self, _) -> None:
+    def _done(self, _, message_id: int) -> None:
+        self._queued.discard(message_id)
         self._busy = False
         self._pump()
+
+    def _crashed(self, failure, message_id: int, channel: str) -> Processed:
+        # A mapping function or the builder raised: the referral was ACKed, so it
+        # must not vanish. Park it with the error (no patient data in it).
+        self.log.failure("building the document for message #{mid} ({ch}) failed", failure,
+                         mid=message_id, ch=channel)
+        return Processed("parked", reasons=[f"internal error building the document: "
+                                            f"{failure.type.__name__}"])
 
     def _save(self, p: Processed, message_id: int, channel: str) -> Deferred:
         dest = p.destination
@@ -136,15 +153,17 @@ class Processor:
             xml=p.document, destination=destination, reasons=p.reasons, created_at=now))
 
     def _failed(self, failure, message_id: int, channel: str) -> None:
-        self.log.failure("building the document for message #{mid} ({ch}) failed", failure,
+        # Only the store can fail here; the message stays without a document and
+        # is built again at the next start.
+        self.log.failure("saving the document for message #{mid} ({ch}) failed", failure,
                          mid=message_id, ch=channel)
 
-    def premap(self, channel_name: str, raw: bytes) -> Deferred:
+    def premap(self, channel_name: str, raw: bytes, codec: str) -> Deferred:
         """For ACK-after-mapping: the required fields the message lacks (empty if none)."""
         def check() -> list[MissingField]:
             mapping = self.config.mappings[self.channels[channel_name].mapping]
             try:
-                return mapping.map_bytes(raw).errors
+                return mapping.map_bytes(raw, codec).errors
             except ParseError as exc:
                 return [MissingField("message", f"not parseable: {exc}", "MSH", 0)]
         return self._in_thread(check)

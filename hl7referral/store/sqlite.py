@@ -295,8 +295,11 @@ class Store:
                       kind: str = "referral-note", owner: str = "coordinators") -> int:
         """Store a built (or parked) document; a parked one raises an alert in the same transaction."""
         with self._lock, self._transaction():
+            existing = self.conn.execute("SELECT id FROM documents WHERE message_id = ?", (message_id,)).fetchone()
+            if existing:  # built twice (a recovery race): the first stands, no second alert
+                return existing[0]
             cur = self.conn.execute(
-                "INSERT OR REPLACE INTO documents (message_id, channel, referral_id, kind, status, destination, "
+                "INSERT INTO documents (message_id, channel, referral_id, kind, status, destination, "
                 "xml, reasons, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
                 (message_id, channel, referral_id, kind, status, destination, xml, "\n".join(reasons), created_at))
             if status != "ready":

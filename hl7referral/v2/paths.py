@@ -32,9 +32,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import logging
+
 import hl7
+import hl7.containers
+import hl7.util
 
 from .header import BOM, read_header, split_segments
+
+# python-hl7 logs a field's content when it meets an escape it does not know;
+# the engine's logs carry ids, never message content.
+for _module in (hl7.util, hl7.containers):
+    logging.getLogger(_module.__file__).disabled = True
 
 _PATH = re.compile(
     r"""^(?P<seg>[A-Z][A-Z0-9]{2})?
