@@ -20,8 +20,9 @@ from .config import ConfigError, load_engine
 from .engine.endpoints import EndpointError, server_endpoint
 from .send import MLLPClient, SendError, read_messages, tls_context
 from .store import Store, StoreError
+from .v2.header import BrokenHeader, NotHL7
 
-EXPECTED_ERRORS = (ConfigError, StoreError, EndpointError, SendError, OSError)
+EXPECTED_ERRORS = (ConfigError, StoreError, EndpointError, SendError, OSError, BrokenHeader, NotHL7)
 
 
 def fail(message: str, code: int = 2) -> None:

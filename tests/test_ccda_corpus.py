@@ -37,6 +37,7 @@ VALID = [
     ("corpus:REF_I12_msfhirconv_01.hl7", "ref-i12", "Rhapsody/Orion-style REF 2.8 (FHIR-Converter)"),
     ("corpus:REF_I12_msfhirconv_02.hl7", "ref-i12", "REF 2.8 with OBX ED"),
     ("corpus:REF_I11_v2plus_ch11_immediate_example.hl7", "ref-i12", "HL7 v2+ chapter 11 (NIST), ^~& MSH-2"),
+    ("corpus:REF_I11_v2plus_ch11_deferred_example.hl7", "ref-i12", "HL7 v2+ chapter 11, deferred response"),
     ("corpus:OMG_O19_360x_referral_request_nhapi.hl7", "omg-o19", "ONC 360X implementation guide example"),
     ("corpus:ORM_O01_msfhirconv_01.hl7", "orm-o01", "ORM 2.6 with BOM (FHIR-Converter)"),
     ("corpus:ORM_O01_hapi_messages_txt_NW_v22.hl7", "orm-o01", "1994 radiology ORM 2.2 (HAPI)"),
@@ -46,7 +47,6 @@ VALID = [
 MISSING = [
     ("corpus:OMG_O19_msfhirconv_01.hl7", "omg-o19", "ORC-2 or OBR-2"),
     ("corpus:REF_I12_hapi_NewPipeParserTest.hl7", "ref-i12", "PID-3"),
-    ("corpus:REF_I11_v2plus_ch11_deferred_example.hl7", "ref-i12", None),  # maps: listed for completeness
 ]
 
 
@@ -70,7 +70,7 @@ def test_document_passes_xsd_schematron_and_fired_rule_check(setup, corpus, spec
     assert key == result.referral_id
 
 
-@pytest.mark.parametrize("spec, name, field", [m for m in MISSING if m[2]], ids=[m[0] for m in MISSING if m[2]])
+@pytest.mark.parametrize("spec, name, field", MISSING, ids=[m[0] for m in MISSING])
 def test_unmappable_referrals_name_the_missing_field(setup, corpus, spec, name, field):
     cfg, pipeline, _ = setup
     result = pipeline.run(load(spec, corpus), channel(cfg, name), now=NOW)
@@ -99,3 +99,18 @@ def test_content_read_back_by_xpath(setup):
     assert x("//v3:informationRecipient//v3:informationRecipient/v3:name/v3:family") == "Specialist"
     problem = "//v3:section[v3:code/@code='11450-4']//v3:observation/v3:value"
     assert (x(f"{problem}/@code"), x(f"{problem}/@codeSystem")) == ("I10", "2.16.840.1.113883.6.90")
+
+
+def test_veterinary_owner_is_the_patients_guardian_and_contact(setup):
+    cfg, pipeline, _ = setup
+    result = pipeline.run(load("samples/vet-ref-i12.hl7", None), channel(cfg, "vet-ref-i12"), now=NOW)
+    doc = etree.fromstring(result.document)
+
+    def x(path):
+        return doc.xpath(f"string({path})", namespaces=NS)
+
+    assert x("//v3:recordTarget//v3:patient/v3:name/v3:family") == "Biscuit"
+    assert x("//v3:patient/v3:guardian/v3:guardianPerson/v3:name/v3:family") == "Ownerson"
+    assert x("//v3:recordTarget/v3:patientRole/v3:telecom/@value") == "tel:5555550199"  # the owner's phone
+    assert "Canis lupus familiaris" in x("//v3:patient/*[local-name()='desc']")
+    assert x("//v3:participant[@typeCode='IND']//v3:associatedPerson/v3:name/v3:family") == "Ownerson"

@@ -46,16 +46,19 @@ def xml_of(engine, doc_id):
 def test_samples_become_ready_documents(tmp_path):
     e = EngineProcess.start(tmp_path)
     try:
-        results = send_all(e, ROOT / "samples/ref-i12.hl7", ROOT / "samples/orm-o01.hl7", ROOT / "samples/omg-o19.hl7")
-        assert [r.code for r in results] == ["AA", "AA", "CA"]
-        rows = documents(e, 3)
+        results = send_all(e, ROOT / "samples/ref-i12.hl7", ROOT / "samples/orm-o01.hl7", ROOT / "samples/omg-o19.hl7",
+                           ROOT / "samples/vet-ref-i12.hl7")
+        assert [r.code for r in results] == ["AA", "AA", "CA", "AA"]
+        rows = documents(e, 4)
     finally:
         e.stop()
     assert [(r["channel"], r["status"], r["referral_id"]) for r in rows] == [
         ("ref-i12", "ready", "SAMPLEREF0001"), ("orm-o01", "ready", "SAMPLEORD0001"),
-        ("omg-o19", "ready", "990001@1.3.6.1.4.1.99999.1.15")]
+        ("omg-o19", "ready", "990001@1.3.6.1.4.1.99999.1.15"),
+        ("vet-ref-i12", "ready", "VETREF0001")]  # the facility-specific channel won over the catch-all
     assert [json.loads(r["destination"])["name"] for r in rows] == [
-        "Example Cardiology Associates", "Example Cardiology Associates", "Example Neurology"]
+        "Example Cardiology Associates", "Example Cardiology Associates", "Example Neurology",
+        "Example Veterinary Cardiology"]
     doc = xml_of(e, rows[0]["id"])
     act_ids = doc.xpath("//v3:act[v3:templateId/@root='2.16.840.1.113883.10.20.22.4.140']/v3:id/@extension",
                         namespaces=NS)

@@ -726,8 +726,10 @@ class _Builder:
     def record_target(self, doc: etree._Element, p: Patient) -> None:
         role = _el(_el(doc, "recordTarget"), "patientRole")
         self.ids(role, p.ids)
-        self.addr(role, p.addr)
-        self.telecom(role, p.telecom)
+        owner = p.owner if self.vet else None
+        # An animal lives with its owner: the owner's address and phone reach it.
+        self.addr(role, p.addr or (owner.addr if owner is not None else []))
+        self.telecom(role, p.telecom or (_party_telecoms(owner) if owner is not None else []))
         pt = _el(role, "patient")
         for n in [n for n in p.names if n] or [Name()]:
             self.name(pt, n)
@@ -755,6 +757,13 @@ class _Builder:
                 self.cd(pt, tag, code, OID["RACE"])
             else:
                 _el(pt, tag, {"nullFlavor": absent})
+        if owner is not None and owner.name:
+            # The owner answers for the animal: CDA's guardian (the contact for notifications).
+            guardian = _el(pt, "guardian")
+            if any(owner.addr):
+                self.addr(guardian, owner.addr)
+            self.telecom(guardian, _party_telecoms(owner), required=False)
+            self.name(_el(guardian, "guardianPerson"), owner.name)
         if token(p.language):
             lc = _el(pt, "languageCommunication")
             _el(lc, "languageCode", {"code": token(p.language)})
