@@ -44,7 +44,7 @@ from ..v2.header import BrokenHeader, NotHL7, read_header
 from ..v2.parse import ParseError
 from ..v2.paths import Path, PathError, Reader, parse_path
 from . import functions as fnlib
-from .model import OID, Code, Referral
+from .model import OID, Code, Identifier, Referral
 
 RESERVED = {"name", "description", "messages", "tables"}
 RULE_KEYS = {"path", "paths", "fn", "table", "default", "required", "present"}
@@ -298,16 +298,23 @@ def _values(rule: Rule, reader: Reader, segment) -> list:
             if out and not rule.many and not rule.present:
                 return out
     if not out and rule.default is not None:
-        out = [copy.deepcopy(rule.default)]
+        out = [_clone(rule.default)]
     return out
+
+
+def _clone(value: Any) -> Any:
+    """A fresh copy of a table or default value (each referral gets its own)."""
+    if isinstance(value, (Code, Identifier)):  # flat: strings only
+        return copy.copy(value)
+    return copy.deepcopy(value) if dataclasses.is_dataclass(value) or isinstance(value, list) else value
 
 
 def _translate(table: dict, value: Any) -> Any:
     key = value.code if isinstance(value, Code) else str(value)
     if key in table:
-        return copy.deepcopy(table[key])
+        return _clone(table[key])
     if "*" in table:
-        return copy.deepcopy(table["*"])
+        return _clone(table["*"])
     return value
 
 
