@@ -44,7 +44,7 @@ from ..v2.header import BrokenHeader, NotHL7, read_header
 from ..v2.parse import ParseError
 from ..v2.paths import Path, PathError, Reader, parse_path
 from . import functions as fnlib
-from .model import OID, Code, Identifier, Referral
+from .model import OID, Address, Code, Identifier, Name, Referral, Telecom
 
 RESERVED = {"name", "description", "messages", "tables"}
 RULE_KEYS = {"path", "paths", "fn", "table", "default", "required", "present"}
@@ -280,7 +280,13 @@ def _fill(omap: ObjectMap, obj: Any, reader: Reader, segment, errors: list, pref
     return obj
 
 
+# Value types that say for themselves whether they hold anything (they define __bool__).
+_SELF_TESTING = (Code, Identifier, Name, Address, Telecom)
+
+
 def _filled(value: Any) -> bool:
+    if value is None or isinstance(value, _SELF_TESTING):
+        return bool(value)
     if dataclasses.is_dataclass(value):
         return any(_filled(getattr(value, f.name)) for f in dataclasses.fields(value))
     return bool(value)
@@ -293,7 +299,7 @@ def _values(rule: Rule, reader: Reader, segment) -> list:
             value = rule.fn(raw) if rule.fn else raw
             if rule.table is not None and value is not None:
                 value = _translate(rule.table, value)
-            if value is not None and value != "" and not (dataclasses.is_dataclass(value) and not _filled(value)):
+            if _filled(value):
                 out.append(value)
             if out and not rule.many and not rule.present:
                 return out
