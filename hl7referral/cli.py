@@ -271,6 +271,7 @@ def map_command(config, store, overrides, channel_name, validate_only, message) 
     the document does not validate.
     """
     from .cda.pipeline import Pipeline
+    from .engine.ingest import hl7_timestamp
     from .v2.header import read_header
 
     cfg = _load(config, store, overrides)
@@ -298,7 +299,7 @@ def map_command(config, store, overrides, channel_name, validate_only, message) 
         from .cda.validate import Validator
         validator = Validator(cfg.standards_dir, cache_dir=cfg.schematron_cache)
     pipeline = Pipeline(cfg.mappings, cfg.directory, validator, local_root=cfg.local_root)
-    result = pipeline.run(raw, channel, now=time.strftime("%Y%m%d%H%M%S+0000", time.gmtime()))
+    result = pipeline.run(raw, channel, now=hl7_timestamp(time.time()))
     if validate_only:
         for reason in result.reasons:
             click.echo(f"{message}: {reason}")

@@ -48,11 +48,10 @@ def referral_key(ident: Identifier) -> str:
 
 class Pipeline:
     def __init__(self, mappings: dict[str, Mapping], directory: Directory, validator=None,
-                 clock=None, default_charset: str = "ascii", local_root: str | None = None) -> None:
+                 default_charset: str = "ascii", local_root: str | None = None) -> None:
         self.mappings = mappings
         self.directory = directory
         self.validator = validator  # None: documents cannot be checked, so they are parked
-        self.clock = clock
         self.default_charset = default_charset
         self.local_root = local_root
         self.validator_error = "no standards directory configured: the document cannot be validated"

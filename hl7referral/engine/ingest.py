@@ -68,7 +68,8 @@ class Ingest:
     log = Logger()
 
     def __init__(self, name: str, policy: Policy, committer: GroupCommitter, clock,
-                 on_store_failure: str = "nak", ack_ids: AckIds | None = None, trace: bool = True) -> None:
+                 on_store_failure: str = "nak", ack_ids: AckIds | None = None, trace: bool = True,
+                 processor=None, after_mapping: frozenset[str] = frozenset()) -> None:
         self.name = name
         self.policy = policy
         self.committer = committer
@@ -77,8 +78,8 @@ class Ingest:
         self.ids = ack_ids or AckIds()
         # Building a filtered-out log event still costs microseconds per message.
         self.trace = trace
-        self.processor = None  # set by the service when channels have mappings
-        self.after_mapping: set[str] = set()
+        self.processor = processor  # builds documents; None when no channel has a mapping
+        self.after_mapping = after_mapping  # channels whose ACK waits for the mapping check
         self.counts = dict(accepted=0, rejected=0, duplicate=0, conflict=0, not_hl7=0, store_failed=0)
 
     # -- frames ------------------------------------------------------------

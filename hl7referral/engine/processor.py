@@ -34,7 +34,7 @@ from ..cda.mapping import MissingField
 from ..cda.pipeline import Pipeline, Processed
 from ..config import EngineConfig
 from ..v2.parse import ParseError
-from .ingest import iso_timestamp
+from .ingest import hl7_timestamp, iso_timestamp
 
 
 RECOVERY_BATCH = 500  # recovered messages read from the store at a time
@@ -100,7 +100,7 @@ class Processor:
 
     def _run(self, raw: bytes, channel_name: str, codec: str) -> Processed:
         self._ensure_validator()
-        return self.pipeline.run(raw, self.channels[channel_name], now=_cda_time(self.reactor.seconds()),
+        return self.pipeline.run(raw, self.channels[channel_name], now=hl7_timestamp(self.reactor.seconds()),
                                  codec=codec)
 
     def submit(self, message_id: int, channel_name: str, raw: bytes, codec: str = "ascii") -> None:
@@ -167,8 +167,3 @@ class Processor:
             except ParseError as exc:
                 return [MissingField("message", f"not parseable: {exc}", "MSH", 0)]
         return self._in_thread(check)
-
-
-def _cda_time(seconds: float) -> str:
-    import time
-    return time.strftime("%Y%m%d%H%M%S+0000", time.gmtime(seconds))

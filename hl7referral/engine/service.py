@@ -49,13 +49,13 @@ class EngineService(MultiService):
         self.committer = GroupCommitter(self.store, lambda f, *a: reactor.callFromThread(f, *a))
         self.processor = Processor(config, self.committer, reactor) if any(c.mapping for c in config.channels) \
             else None
-        after_mapping = {c.name for c in config.channels if c.ack_mode == "after-mapping"}
+        after_mapping = frozenset(c.name for c in config.channels if c.ack_mode == "after-mapping")
         self.listeners: list[tuple[object, MLLPServerFactory, object]] = []
         for lc in config.listeners:
             channels = config.channels_for(lc.name)
             ingest = Ingest(lc.name, policy_for(lc, channels), self.committer, reactor, lc.on_store_failure,
-                            trace=config.log_level == "debug")
-            ingest.processor, ingest.after_mapping = self.processor, after_mapping
+                            trace=config.log_level == "debug", processor=self.processor,
+                            after_mapping=after_mapping)
             factory = MLLPServerFactory(lc, ingest, reactor, tls=is_tls(lc.endpoint))
             self.listeners.append((lc, factory, server_endpoint(reactor, lc.endpoint, lc.base_dir)))
         self.ports: list = []
