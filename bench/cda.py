@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -78,19 +79,24 @@ def main() -> int:
     full = validator.validate(tree)
     assert full.ok, full.lines()
 
-    def rate(fn, seconds):
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            fn()
-            n += 1
-        return n / (time.perf_counter() - start)
+    def rates(fn, seconds, rounds=5):
+        """Calls per second in each of *rounds* rounds: this VM's neighbours make single runs swing by 30%."""
+        out = []
+        for _ in range(rounds):
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / rounds:
+                fn()
+                n += 1
+            out.append(n / (time.perf_counter() - start))
+        return sorted(out)
 
     split = {
-        "read + map": rate(lambda: mapping.map_bytes(raw), a.seconds / 5),
-        "build (lxml)": rate(lambda: build_referral_note(referral), a.seconds / 5),
-        "XSD": rate(lambda: validator.validate(tree, schematron=False), a.seconds / 5),
+        "read + map": rates(lambda: mapping.map_bytes(raw), a.seconds / 5),
+        "build (lxml)": rates(lambda: build_referral_note(referral), a.seconds / 5),
+        "XSD": rates(lambda: validator.validate(tree, schematron=False), a.seconds / 5),
     }
-    docs = rate(once, a.seconds)
+    docs_rounds = rates(once, a.seconds)
+    docs, best = statistics.median(docs_rounds), docs_rounds[-1]
     start = time.perf_counter()
     for _ in range(a.schematron_runs):
         validator.validate(tree)
@@ -98,14 +104,16 @@ def main() -> int:
     size = len(raw)
     print(f"REF^I12 of {size} bytes -> Referral Note of {len(__import__('lxml.etree').etree.tostring(tree))} bytes "
           f"(referral {referral_key(referral.referral_id)})")
-    print(f"  map + build + XSD-validate: {docs:,.0f} documents/s on one core (target >= 400)")
+    print(f"  map + build + XSD-validate: {docs:,.0f} documents/s on one core, median of 5 rounds "
+          f"(best {best:,.0f}; target >= 400)")
     for step, r in split.items():
-        print(f"    {step:<20} {1000 / r:7.3f} ms")
+        print(f"    {step:<20} {1000 / statistics.median(r):7.3f} ms (best {1000 / r[-1]:.3f})")
     print(f"  + Schematron (R2.1 errors phase) + fired-rule check: {schematron_ms:,.1f} ms per document")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps({"message_bytes": size, "docs_per_s": docs, "schematron_ms": schematron_ms,
-                                     "steps_ms": {k: 1000 / v for k, v in split.items()}}, indent=2))
+        a.out.write_text(json.dumps({"message_bytes": size, "docs_per_s": docs, "docs_per_s_best": best,
+                                     "schematron_ms": schematron_ms,
+                                     "steps_ms": {k: 1000 / statistics.median(v) for k, v in split.items()}}, indent=2))
     return 0
 
 
