@@ -32,6 +32,7 @@ from typing import Iterable, Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
@@ -72,27 +73,35 @@ def make_key(bits: int = 2048) -> rsa.RSAPrivateKey:
 
 
 def make_ca(common_name: str, *, key: rsa.RSAPrivateKey | None = None, days: int = CA_DAYS,
-            organisation: str | None = ORGANISATION) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
-    """A self-signed root CA (RSA 2048, SHA-256) that may sign leaves only."""
-    key = key or make_key()
+            organisation: str | None = ORGANISATION, path_length: int = 0,
+            issuer: tuple[x509.Certificate, rsa.RSAPrivateKey] | None = None,
+            bits: int = 2048) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+    """A CA (RSA, SHA-256): self-signed root, or an intermediate when ``issuer`` is given.
+
+    ``path_length`` 0 means it may sign leaves only; 1 lets it sign one intermediate.
+    """
+    key = key or make_key(bits)
     subject = name(common_name, organisation)
     start = now() - dt.timedelta(days=1)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    issuer_cert, issuer_key = issuer if issuer else (None, key)
+    aki = (x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_cert.public_key()) if issuer_cert
+           else x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski))
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(subject)
+        .issuer_name(issuer_cert.subject if issuer_cert else subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(start + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
                                      data_encipherment=False, key_agreement=False, key_cert_sign=True,
                                      crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
         .add_extension(ski, critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-        .sign(key, hashes.SHA256())
+        .add_extension(aki, critical=False)
+        .sign(issuer_key, hashes.SHA256())
     )
     return cert, key
 
@@ -101,7 +110,7 @@ def make_leaf(issuer: x509.Certificate, issuer_key: rsa.RSAPrivateKey, subject: 
               usages: Sequence[x509.ObjectIdentifier], sans: Iterable[x509.GeneralName] = (),
               key: rsa.RSAPrivateKey | None = None, not_before: dt.datetime | None = None,
               not_after: dt.datetime | None = None, days: int = LEAF_DAYS,
-              key_encipherment: bool = True) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+              key_encipherment: bool = True, bits: int = 2048) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
     """An end-entity certificate signed by ``issuer``.
 
     ``usages`` are extended key usages (SERVER_AUTH, CLIENT_AUTH,
@@ -109,7 +118,7 @@ def make_leaf(issuer: x509.Certificate, issuer_key: rsa.RSAPrivateKey, subject: 
     x509.IPAddress, x509.RFC822Name...). Validity defaults to yesterday for
     ``days`` days; pass ``not_before``/``not_after`` for expired or future ones.
     """
-    key = key or make_key()
+    key = key or make_key(bits)
     subject_name = name(subject) if isinstance(subject, str) else subject
     start = not_before or now() - dt.timedelta(days=1)
     end = not_after or start + dt.timedelta(days=days)
@@ -208,14 +217,16 @@ def _still_good(cert: x509.Certificate, must_be_valid: bool) -> bool:
     return not must_be_valid or cert.not_valid_after_utc - RENEW_BEFORE > now()
 
 
-def ensure_ca(o: Output, stem: str, common_name: str, **kw) -> Issued:
-    """``{stem}.pem`` and ``{stem}.key``: kept when present, otherwise made."""
+def ensure_ca(o: Output, stem: str, common_name: str, issuer: Issued | None = None, **kw) -> Issued:
+    """``{stem}.pem`` and ``{stem}.key``: kept when present, otherwise made (signed by ``issuer`` if given)."""
     cert_path, key_path = o.path(f"{stem}.pem"), o.path(f"{stem}.key")
-    if not o.force and cert_path.exists() and key_path.exists():
+    if not (o.force or (issuer and issuer.fresh)) and cert_path.exists() and key_path.exists():
         cert = load_cert(cert_path)
-        if _still_good(cert, True):
+        if _still_good(cert, True) and (issuer is None or cert.issuer == issuer.cert.subject):
             o.kept += [cert_path.name, key_path.name]
             return Issued(cert, load_key(key_path), fresh=False)
+    if issuer is not None:
+        kw["issuer"] = (issuer.cert, issuer.key)
     cert, key = make_ca(common_name, **kw)
     write(key_path, pem(key), private=True)
     write(cert_path, pem(cert))
@@ -237,6 +248,16 @@ def ensure_leaf(o: Output, stem: str, issuer: Issued, subject: str | x509.Name, 
     write(cert_path, pem(cert))
     o.written += [cert_path.name, key_path.name]
     return Issued(cert, key, fresh=True)
+
+
+def ensure_bundle(o: Output, filename: str, certs: Sequence[Issued]) -> None:
+    """A DirectTrust-style trust bundle: PKCS#7 certs-only, DER (``.p7b``)."""
+    path = o.path(filename)
+    if not (o.force or any(c.fresh for c in certs)) and path.exists():
+        o.kept.append(filename)
+        return
+    write(path, pkcs7.serialize_certificates([c.cert for c in certs], serialization.Encoding.DER))
+    o.written.append(filename)
 
 
 def ensure_crl(o: Output, filename: str, issuer: Issued, revoked: Sequence[Issued]) -> None:
@@ -274,7 +295,41 @@ def build(out: Path, force: bool = False) -> Output:
         x509.NameAttribute(NameOID.COMMON_NAME, CLIENT_NAME),  # same name, wrong issuer
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Rogue Example")]), usages=[CLIENT_AUTH])
     # rogue-ca.key is only needed to extend the rogue PKI; it is as throw-away as the rest.
+    build_direct(o, "direct/")
     return o
+
+
+# The Direct (S/MIME) example PKI: two organisations under one anchor, as a HISP's
+# DirectTrust-style bundle would hold it, plus the certificates trust must refuse.
+SENDER_DOMAIN, RECEIVER_DOMAIN = "direct.sender.test", "direct.receiver.test"
+SENDER_ADDRESS, RECEIVER_ADDRESS = f"referrals@{SENDER_DOMAIN}", f"cardiology@{RECEIVER_DOMAIN}"
+
+
+def build_direct(o: Output, sub: str) -> None:
+    """``direct/``: anchor → intermediate → address- and domain-bound leaves; negatives; CRL; bundle."""
+    o.path(sub).mkdir(parents=True, exist_ok=True)
+    anchor = ensure_ca(o, sub + "anchor", "hl7referral Example Direct Anchor", path_length=1, bits=3072)
+    inter = ensure_ca(o, sub + "intermediate", "hl7referral Example Direct Intermediate", issuer=anchor)
+
+    def leaf(stem: str, cn: str, *, address: str = "", domain: str = "", **kw) -> Issued:
+        sans = [x509.RFC822Name(address)] if address else [x509.DNSName(domain)]
+        return ensure_leaf(o, sub + stem, inter, cn, usages=[EMAIL_PROTECTION], sans=sans, **kw)
+
+    leaf("sender", "Example Referring Clinic (Direct)", address=SENDER_ADDRESS)
+    leaf("sender-org", "Example Referring Clinic", domain=SENDER_DOMAIN)
+    leaf("receiver", "Example Cardiology (Direct)", address=RECEIVER_ADDRESS)
+    leaf("receiver-org", "Example Cardiology", domain=RECEIVER_DOMAIN)
+    t = now()
+    leaf("expired", "Example Referring Clinic (expired)", address=SENDER_ADDRESS, expect_valid=False,
+         not_before=t - dt.timedelta(days=400), not_after=t - dt.timedelta(days=30))
+    revoked = leaf("revoked", "Example Referring Clinic (revoked)", address=SENDER_ADDRESS)
+    leaf("small", "Example Referring Clinic (1024-bit)", address=SENDER_ADDRESS, bits=1024)
+    leaf("unbound", "Some Other Practice", address="someone@elsewhere.test")
+    ensure_crl(o, sub + "intermediate.crl.pem", inter, [revoked])
+    ensure_bundle(o, sub + "bundle.p7b", [anchor])
+    rogue = ensure_ca(o, sub + "rogue-anchor", "Rogue Direct Anchor", organisation="Rogue Example")
+    ensure_leaf(o, sub + "rogue", rogue, "Example Referring Clinic (rogue)", usages=[EMAIL_PROTECTION],
+                sans=[x509.RFC822Name(SENDER_ADDRESS)])
 
 
 def main(argv: list[str] | None = None) -> int:

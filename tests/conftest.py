@@ -30,3 +30,22 @@ def store(tmp_path):
     s = Store.open(tmp_path / "s.db")
     yield s
     s.close()
+
+
+@pytest.fixture(scope="session")
+def direct_pki(tmp_path_factory):
+    """The example Direct PKI (certs-example/make_certs.py, ``direct/``), made once per test run.
+
+    anchor.pem (root) → intermediate.pem → sender/receiver (address-bound), sender-org/receiver-org
+    (domain-bound); expired, revoked (in intermediate.crl.pem), small (1024-bit), unbound (other
+    address), rogue (under rogue-anchor.pem); bundle.p7b holds the anchor. Every leaf has a .key.
+    """
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "certs-example" / "make_certs.py"
+    spec = importlib.util.spec_from_file_location("make_certs_direct", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path_factory.mktemp("pki")
+    module.build(out)
+    return out / "direct"
