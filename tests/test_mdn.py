@@ -1,0 +1,490 @@
+"""MDN build/parse: ETT DTS 452/457/460/461/462 and test 40 as assertions, peers' MDNs, fuzz.
+
+The ETT checks are read from the built bytes with the stdlib parser and regular expressions, not
+with parse_mdn, so a bug shared by builder and parser cannot hide itself in a round trip.
+"""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hl7referral.direct.mdn import (
+    FINAL_DELIVERY_OPTION,
+    Mdn,
+    MdnError,
+    build_mdn,
+    is_mdn,
+    parse_mdn,
+    wants_final_delivery,
+)
+
+ORIGINAL_ID = "<20240501.1234.referral@direct.sender.test>"
+SENDER = "alice@direct.sender.test"
+RECIPIENT = "bob@direct.receiver.test"
+UA = "direct.receiver.test; hl7referral 0.1"
+
+
+def build(disposition: str, **kw) -> tuple[dict[str, str], bytes]:
+    return build_mdn(
+        original_message_id=kw.pop("original_message_id", ORIGINAL_ID),
+        original_from=SENDER,
+        original_to=RECIPIENT,
+        reporting_ua=UA,
+        disposition=disposition,
+        **kw,
+    )
+
+
+def notification_fields(entity: bytes) -> dict[str, list[str]]:
+    """The message/disposition-notification fields, read independently of parse_mdn."""
+    boundary = re.search(rb'boundary="([^"]+)"', entity).group(1)
+    parts = entity.split(b"--" + boundary)
+    part = next(p for p in parts if b"Content-Type: message/disposition-notification" in p)
+    body = part.split(b"\r\n\r\n", 1)[1]
+    fields: dict[str, list[str]] = {}
+    for line in body.decode("ascii").split("\r\n"):
+        if line:
+            name, _, value = line.partition(":")
+            fields.setdefault(name.lower(), []).append(value.strip())
+    return fields
+
+
+# -- built MDNs satisfy the ETT checks ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("disposition", ["processed", "dispatched", "failed"])
+def test_built_mdn_passes_ett_checks(disposition):
+    failure = "recipient mailbox does not exist" if disposition == "failed" else ""
+    headers, entity = build(disposition, failure=failure)
+
+    msg = email.message_from_bytes(entity, policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "disposition-notification"
+    parts = list(msg.iter_parts())
+    assert [p.get_content_type() for p in parts] == ["text/plain", "message/disposition-notification"]
+    assert not msg.defects and not any(p.defects for p in parts)
+
+    fields = notification_fields(entity)
+    assert fields["reporting-ua"] == [UA]  # DTS 457
+    assert fields["final-recipient"] == [f"rfc822; {RECIPIENT}"]  # DTS 460
+    assert fields["original-recipient"] == [f"rfc822; {RECIPIENT}"]
+    assert fields["original-message-id"] == [ORIGINAL_ID]  # DTS 461: equals the sent Message-ID
+    assert fields["disposition"] == [f"automatic-action/MDN-sent-automatically; {disposition}"]  # DTS 462
+    assert ("failure" in fields) == (disposition == "failed")
+    # DTS 452: an MDN never asks for an MDN, neither on the outer message nor in the entity.
+    assert not any(k.lower() == "disposition-notification-to" for k in headers)
+    assert b"disposition-notification-to" not in entity.lower()
+    assert headers["In-Reply-To"] == ORIGINAL_ID and ORIGINAL_ID in headers["References"]
+    assert set(headers) == {"Subject", "In-Reply-To", "References"}  # the caller owns From/To/Date/ID
+
+    # The human-readable part says what happened and nothing else (no PHI can come from inputs).
+    human = parts[0].get_content()
+    assert ORIGINAL_ID in human and disposition in human
+
+    # CRLF only, ASCII only (DTS 196), no line over 998 octets.
+    assert entity.isascii()
+    assert b"\n" not in entity.replace(b"\r\n", b"")
+    assert b"\r" not in entity.replace(b"\r\n", b"")
+    assert all(len(line) <= 998 for line in entity.split(b"\r\n"))
+
+
+@pytest.mark.parametrize("disposition", ["processed", "dispatched", "failed"])
+@pytest.mark.parametrize("honoured", [False, True])
+def test_final_destination_field_only_on_dispatched_when_honoured(disposition, honoured):
+    """ETT test 40: the X-DIRECT field only on a dispatched MDN from a receiver honouring the option."""
+    _, entity = build(disposition, final_destination_delivery=honoured)
+    present = "x-direct-final-destination-delivery" in notification_fields(entity)
+    assert present == (honoured and disposition == "dispatched")
+    assert parse_mdn(entity).final_destination_delivery == present
+
+
+@pytest.mark.parametrize(
+    "disposition, failure, honoured",
+    [("processed", "", False), ("dispatched", "", True), ("dispatched", "", False), ("failed", "no such user", False)],
+)
+def test_round_trip(disposition, failure, honoured):
+    _, entity = build(disposition, failure=failure, final_destination_delivery=honoured)
+    assert parse_mdn(entity) == Mdn(
+        original_message_id=ORIGINAL_ID,
+        disposition=disposition,
+        mode="automatic-action/MDN-sent-automatically",
+        final_recipient=RECIPIENT,
+        original_recipient=RECIPIENT,
+        reporting_ua=UA,
+        failure=failure,
+        final_destination_delivery=honoured and disposition == "dispatched",
+    )
+    assert is_mdn(entity)
+
+
+def test_whole_message_round_trip_reports_sender():
+    headers, entity = build("processed")
+    outer = "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode()
+    envelope = f"From: {RECIPIENT}\r\nTo: {SENDER}\r\nMIME-Version: 1.0\r\n".encode()
+    message = envelope + outer + entity
+    assert parse_mdn(message).sender == RECIPIENT
+
+
+def test_build_is_deterministic_and_boundary_safe():
+    assert build("processed") == build("processed")
+    assert build("processed")[1] != build("dispatched")[1]
+    # Human text that looks like a boundary or has non-ASCII still gives two intact parts.
+    _, entity = build("processed", human_text="Zugestellt an Dr. Müller\n--=_mdn_ fake boundary\n")
+    msg = email.message_from_bytes(entity, policy=email.policy.default)
+    parts = list(msg.iter_parts())
+    assert len(parts) == 2 and "Müller" in parts[0].get_content()
+    assert parse_mdn(entity).disposition == "processed"
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"original_message_id": "<a@b>\r\nBcc: eve@evil.test"},  # header injection
+        {"original_message_id": ""},
+        {"failure": "line one\nDisposition: automatic-action/MDN-sent-automatically; processed"},
+        {"failure": "not allowed on processed"},
+        {"disposition": "processed; dispatched"},
+        {"disposition": ""},
+        {"failure": "Empfänger unbekannt", "disposition": "failed"},  # DTS 196: headers ASCII
+        {"failure": "x" * 1200, "disposition": "failed"},
+    ],
+)
+def test_build_refuses_bad_input(kw):
+    kw.setdefault("disposition", "processed")
+    with pytest.raises(MdnError):
+        build(kw.pop("disposition"), **kw)
+
+
+def test_build_normalises_message_id_brackets():
+    _, entity = build("processed", original_message_id="20240501.1@direct.sender.test")
+    assert notification_fields(entity)["original-message-id"] == ["<20240501.1@direct.sender.test>"]
+
+
+# -- MDNs as other implementations write them --------------------------------------------------
+
+# Direct Java RI style (gateway test resource MDNDispatchedMessage.txt): LF line endings, lower-case
+# outer headers, no headers on the text part, "mode;type" without a space, a Final-Recipient without
+# "rfc822;", the X-DIRECT field with an empty value.
+RI_DISPATCHED = b"""to: alice@direct.sender.test
+content-type: multipart/report; report-type=disposition-notification; boundary="----=_Part_5_31697654.1295630438108"
+message-id: 0c796d0e-4c76-43e8-be40-2cd5e30c1005
+subject: Processed: referral
+From: bob@direct.receiver.test
+
+------=_Part_5_31697654.1295630438108
+
+Your message was successfully dispatched.
+------=_Part_5_31697654.1295630438108
+Content-Type: message/disposition-notification
+
+Disposition: automatic-action/MDN-sent-automatically;dispatched
+Reporting-UA: direct.receiver.test;NHIN Direct Security Agent
+Final-Recipient: bob@direct.receiver.test
+Original-Message-ID: <20240501.1234.referral@direct.sender.test>
+X-DIRECT-FINAL-DESTINATION-DELIVERY:\x20
+
+------=_Part_5_31697654.1295630438108--
+"""
+
+# A HISP that folds long fields and writes field names in lower case, CRLF, processed.
+FOLDED_PROCESSED = (
+    b"From: postmaster@direct.receiver.test\r\n"
+    b"Date: Wed, 01 May 2024 10:00:05 +0000\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: multipart/report;\r\n"
+    b"\treport-type=\"disposition-notification\";\r\n"
+    b"\tboundary=\"b1_0123\"\r\n"
+    b"\r\n"
+    b"--b1_0123\r\n"
+    b"Content-Type: text/plain\r\n"
+    b"\r\n"
+    b"Processed.\r\n"
+    b"--b1_0123\r\n"
+    b"Content-Type: message/disposition-notification\r\n"
+    b"\r\n"
+    b"reporting-ua: direct.receiver.test;\r\n"
+    b"  Example HISP Security Agent 6.1\r\n"
+    b"original-recipient: rfc822;bob@direct.receiver.test\r\n"
+    b"final-recipient: rfc822;\r\n"
+    b" bob@direct.receiver.test\r\n"
+    b"original-message-id:\r\n"
+    b" <20240501.1234.referral@direct.sender.test>\r\n"
+    b"disposition: automatic-action/MDN-sent-automatically;\r\n"
+    b"  processed\r\n"
+    b"\r\n"
+    b"--b1_0123--\r\n"
+)
+
+# Failed with a Failure: field (Direct IG style), inside multipart/signed as it is after decryption.
+SIGNED_FAILED = (
+    b"Content-Type: multipart/signed; protocol=\"application/pkcs7-signature\"; micalg=sha-256;\r\n"
+    b" boundary=\"sig\"\r\n"
+    b"\r\n"
+    b"--sig\r\n"
+    b"Content-Type: multipart/report; report-type=disposition-notification; boundary=\"r\"\r\n"
+    b"\r\n"
+    b"--r\r\n"
+    b"Content-Type: text/plain\r\n"
+    b"\r\n"
+    b"Your message could not be delivered.\r\n"
+    b"--r\r\n"
+    b"Content-Type: message/disposition-notification\r\n"
+    b"\r\n"
+    b"Reporting-UA: direct.receiver.test; HISP\r\n"
+    b"Final-Recipient: rfc822; nobody@direct.receiver.test\r\n"
+    b"Original-Message-ID: <20240501.1234.referral@direct.sender.test>\r\n"
+    b"Disposition: automatic-action/MDN-sent-automatically; failed\r\n"
+    b"Failure: 550 5.1.1 recipient unknown\r\n"
+    b"\r\n"
+    b"--r--\r\n"
+    b"--sig\r\n"
+    b"Content-Type: application/pkcs7-signature; name=smime.p7s\r\n"
+    b"Content-Transfer-Encoding: base64\r\n"
+    b"\r\n"
+    b"MIAGCSqGSIb3DQEHAqCAMIACAQExDzANBglghkgBZQMEAgEFADCABgkqhkiG9w0BBwEAAA==\r\n"
+    b"--sig--\r\n"
+)
+
+# RFC 3798 "/error" modifier with an Error: field, a comment, and no Original-Message-ID field:
+# correlation falls back to the report's In-Reply-To.
+ERROR_MODIFIER = (
+    b"In-Reply-To: <20240501.1234.referral@direct.sender.test>\r\n"
+    b"Content-Type: multipart/report; report-type=disposition-notification; boundary=XYZ\r\n"
+    b"\r\n"
+    b"--XYZ\r\n"
+    b"\r\n"
+    b"error\r\n"
+    b"--XYZ\r\n"
+    b"Content-Type: message/disposition-notification\r\n"
+    b"\r\n"
+    b"Reporting-UA: hisp.example; Mailer\r\n"
+    b"Final-Recipient: rfc822; bob@direct.receiver.test\r\n"
+    b"Disposition: automatic-action/MDN-sent-automatically (policy); processed/error\r\n"
+    b"Error: content could not be decrypted\r\n"
+    b"\r\n"
+    b"--XYZ--\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (
+            RI_DISPATCHED,
+            Mdn(
+                original_message_id=ORIGINAL_ID,
+                disposition="dispatched",
+                mode="automatic-action/MDN-sent-automatically",
+                final_recipient=RECIPIENT,
+                original_recipient="",
+                reporting_ua="direct.receiver.test;NHIN Direct Security Agent",
+                final_destination_delivery=True,
+                sender=RECIPIENT,
+            ),
+        ),
+        (
+            FOLDED_PROCESSED,
+            Mdn(
+                original_message_id=ORIGINAL_ID,
+                disposition="processed",
+                mode="automatic-action/MDN-sent-automatically",
+                final_recipient=RECIPIENT,
+                original_recipient=RECIPIENT,
+                reporting_ua="direct.receiver.test; Example HISP Security Agent 6.1",
+                sender="postmaster@direct.receiver.test",
+            ),
+        ),
+        (
+            SIGNED_FAILED,
+            Mdn(
+                original_message_id=ORIGINAL_ID,
+                disposition="failed",
+                mode="automatic-action/MDN-sent-automatically",
+                final_recipient="nobody@direct.receiver.test",
+                original_recipient="",
+                reporting_ua="direct.receiver.test; HISP",
+                failure="550 5.1.1 recipient unknown",
+            ),
+        ),
+        (
+            ERROR_MODIFIER,
+            Mdn(
+                original_message_id=ORIGINAL_ID,
+                disposition="processed",
+                mode="automatic-action/MDN-sent-automatically",
+                final_recipient=RECIPIENT,
+                original_recipient="",
+                reporting_ua="hisp.example; Mailer",
+                failure="content could not be decrypted",
+            ),
+        ),
+    ],
+    ids=["java-ri-dispatched", "folded-processed", "signed-failed", "error-modifier"],
+)
+def test_parse_peer_mdns(raw, expected):
+    assert is_mdn(raw)
+    assert parse_mdn(raw) == expected
+
+
+def test_base64_notification_part_is_decoded():
+    """message/* must not be base64 (RFC 2046 §5.2), but some gateways encode it anyway."""
+    head, _, rest = FOLDED_PROCESSED.partition(b"Content-Type: message/disposition-notification\r\n\r\n")
+    fields, _, tail = rest.partition(b"\r\n--b1_0123--")
+    encoded = base64.encodebytes(fields).replace(b"\n", b"\r\n")
+    raw = (
+        head + b"Content-Type: message/disposition-notification\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + encoded + b"--b1_0123--" + tail
+    )
+    assert parse_mdn(raw) == parse_mdn(FOLDED_PROCESSED)
+
+
+def test_bare_notification_part_parses():
+    """The message/disposition-notification entity alone, as a caller that already split the report has it."""
+    raw = b"Content-Type: message/disposition-notification\r\n\r\n" + FOLDED_PROCESSED.split(
+        b"Content-Type: message/disposition-notification\r\n\r\n"
+    )[1].split(b"\r\n--b1_0123--")[0]
+    assert is_mdn(raw)
+    assert parse_mdn(raw) == Mdn(
+        original_message_id=ORIGINAL_ID,
+        disposition="processed",
+        mode="automatic-action/MDN-sent-automatically",
+        final_recipient=RECIPIENT,
+        original_recipient=RECIPIENT,
+        reporting_ua="direct.receiver.test; Example HISP Security Agent 6.1",
+    )
+
+
+def test_error_modifier_without_error_field_is_a_failure():
+    raw = ERROR_MODIFIER.replace(b"Error: content could not be decrypted\r\n", b"")
+    assert parse_mdn(raw).failure == "error"
+    # RFC 2298's "warning" modifier still reports a processed message.
+    assert parse_mdn(raw.replace(b"processed/error", b"processed/warning")).failure == ""
+
+
+# -- not MDNs, and broken MDNs ---------------------------------------------------------------
+
+PLAIN = b"From: a@b.test\r\nTo: c@d.test\r\nSubject: hi\r\n\r\nhello\r\n"
+DSN = (
+    b"Content-Type: multipart/report; report-type=delivery-status; boundary=d\r\n\r\n"
+    b"--d\r\nContent-Type: text/plain\r\n\r\nfailed\r\n"
+    b"--d\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.test\r\n\r\n"
+    b"Final-Recipient: rfc822; x@y.test\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n--d--\r\n"
+)
+MIXED_WITH_FORWARDED_MDN = (
+    b"Content-Type: multipart/mixed; boundary=m\r\n\r\n--m\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+    b"--m\r\nContent-Type: message/rfc822\r\n\r\n" + FOLDED_PROCESSED + b"\r\n--m--\r\n"
+)
+
+
+@pytest.mark.parametrize("raw", [PLAIN, DSN, MIXED_WITH_FORWARDED_MDN, b"", b"\r\n\r\n"], ids=[
+    "plain", "dsn", "forwarded-mdn-in-mixed", "empty", "blank"])
+def test_not_an_mdn_is_none(raw):
+    assert parse_mdn(raw) is None
+    assert not is_mdn(raw)
+
+
+def _strip_field(raw: bytes, name: bytes) -> bytes:
+    return re.sub(rb"(?im)^" + name + rb":.*\r?\n", b"", raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _strip_field(SIGNED_FAILED, b"Disposition"),
+        SIGNED_FAILED.replace(b"automatic-action/MDN-sent-automatically; failed", b"failed"),
+        SIGNED_FAILED.replace(b"; failed\r\n", b"; \r\n"),
+        SIGNED_FAILED.replace(b"automatic-action/MDN-sent-automatically; failed", b"automatic-action; failed"),
+        _strip_field(SIGNED_FAILED, b"Original-Message-ID"),  # and no In-Reply-To to fall back on
+        FOLDED_PROCESSED.replace(b"message/disposition-notification", b"text/plain"),
+    ],
+    ids=["no-disposition", "no-mode", "no-type", "half-mode", "no-original-id", "no-notification-part"],
+)
+def test_broken_mdn_raises_one_line_error_and_is_still_an_mdn(raw):
+    with pytest.raises(MdnError) as info:
+        parse_mdn(raw)
+    assert "\n" not in str(info.value) and str(info.value)
+    assert is_mdn(raw)  # routed to the tracker's audit, not to the referral pipeline
+
+
+def _parse_or_none(raw: bytes) -> Mdn | None:
+    try:
+        return parse_mdn(raw)
+    except MdnError:
+        return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2000))
+def test_fuzz_garbage_bytes(raw):
+    result = _parse_or_none(raw)  # any exception but MdnError fails the test
+    assert result is None or isinstance(result, Mdn)
+    assert isinstance(is_mdn(raw), bool)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([RI_DISPATCHED, FOLDED_PROCESSED, SIGNED_FAILED, ERROR_MODIFIER, build("dispatched")[1]]),
+    st.integers(min_value=0, max_value=2000),
+    st.integers(min_value=0, max_value=60),
+    st.binary(max_size=40),
+)
+def test_fuzz_mutated_mdns(raw, at, cut, insert):
+    """Near-MDNs (a slice cut out, junk spliced in) are parsed, refused with MdnError, or None."""
+    at = at % (len(raw) + 1)
+    mutated = raw[:at] + insert + raw[at + cut :]
+    result = _parse_or_none(mutated)
+    if result is not None:
+        assert result.original_message_id.startswith("<") and result.original_message_id.endswith(">")
+        assert result.disposition == result.disposition.lower() and result.disposition
+    assert isinstance(is_mdn(mutated), bool)
+
+
+def test_parse_refuses_non_bytes():
+    with pytest.raises(MdnError):
+        parse_mdn("Content-Type: text/plain\r\n\r\n")  # type: ignore[arg-type]
+
+
+# -- timely and reliable delivery requested? ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, False),
+        (FINAL_DELIVERY_OPTION, True),
+        ("x-direct-final-destination-delivery=OPTIONAL,TRUE", True),
+        ("  X-DIRECT-FINAL-DESTINATION-DELIVERY = optional , true ", True),
+        ("X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,\r\n true", True),  # folded
+        ("X-DIRECT-FINAL-DESTINATION-DELIVERY=required,true", True),
+        ('X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,"true"', True),
+        ("signed-receipt=optional,pkcs7-signature; X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,true", True),
+        ("X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,true (timely and reliable)", True),
+        ("X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,false", False),
+        ("X-DIRECT-FINAL-DESTINATION-DELIVERY=true", False),  # no importance: not RFC 3798 syntax
+        ("X-DIRECT-FINAL-DESTINATION-DELIVERY", False),
+        ("X-DIRECT-FINAL-DESTINATION-DELIVERY=mandatory,true", False),  # importance is required|optional
+        ("X-DIRECT-OTHER-OPTION=optional,true", False),
+        ("signed-receipt=optional,pkcs7-signature", False),
+        ("", False),
+    ],
+)
+def test_wants_final_delivery(value, expected):
+    headers = {"From": SENDER} if value is None else {"From": SENDER, "disposition-notification-options": value}
+    assert wants_final_delivery(headers) is expected
+    raw = "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\nbody\r\n"
+    assert wants_final_delivery(email.message_from_string(raw, policy=email.policy.compat32)) is expected
+
+
+def test_wants_final_delivery_looks_at_every_header():
+    raw = (
+        "Disposition-Notification-Options: signed-receipt=optional,pkcs7-signature\r\n"
+        f"Disposition-Notification-Options: {FINAL_DELIVERY_OPTION}\r\n\r\n"
+    )
+    assert wants_final_delivery(email.message_from_string(raw))
