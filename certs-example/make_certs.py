@@ -326,6 +326,7 @@ def build_direct(o: Output, sub: str) -> None:
     leaf("small", "Example Referring Clinic (1024-bit)", address=SENDER_ADDRESS, bits=1024)
     leaf("unbound", "Some Other Practice", address="someone@elsewhere.test")
     ensure_crl(o, sub + "intermediate.crl.pem", inter, [revoked])
+    ensure_crl(o, sub + "anchor.crl.pem", anchor, [])  # nothing revoked: lets hard-fail revocation pass
     ensure_bundle(o, sub + "bundle.p7b", [anchor])
     rogue = ensure_ca(o, sub + "rogue-anchor", "Rogue Direct Anchor", organisation="Rogue Example")
     ensure_leaf(o, sub + "rogue", rogue, "Example Referring Clinic (rogue)", usages=[EMAIL_PROTECTION],

@@ -18,6 +18,7 @@ import click
 from . import __version__
 from .config import ConfigError, load_engine
 from .engine.endpoints import EndpointError, server_endpoint
+from .cli_direct import pick_channel, register as register_direct
 from .send import MLLPClient, SendError, read_messages, tls_context
 from .store import Store, StoreError
 from .v2.header import BrokenHeader, NotHL7
@@ -272,26 +273,13 @@ def map_command(config, store, overrides, channel_name, validate_only, message) 
     """
     from .cda.pipeline import Pipeline
     from .engine.ingest import hl7_timestamp
-    from .v2.header import read_header
 
     cfg = _load(config, store, overrides)
     raws = read_messages(message)
     if not raws:
         fail(f"{message}: no HL7 message found")
     raw = raws[0]
-    if channel_name:
-        channel = next((c for c in cfg.channels if c.name == channel_name), None)
-        if channel is None:
-            fail(f"no channel named {channel_name!r} (have: {', '.join(c.name for c in cfg.channels)})")
-    else:
-        # The engine's own routing: type and event, facility-specific channels first.
-        from .engine.ingest import policy_for
-        header = read_header(raw)
-        policy = policy_for(cfg.listeners[0], cfg.channels)
-        name = policy.route(header.type_and_event, header.sending_facility, header.delimiters.component)
-        channel = next((c for c in cfg.channels if c.name == name), None)
-        if channel is None:
-            fail(f"{message}: no channel takes {header.type_and_event}; name one with --channel")
+    channel = pick_channel(cfg, channel_name, raw, fail)
     if not channel.mapping:
         fail(f"channel {channel.name} has no mapping")
     validator = None
@@ -397,3 +385,6 @@ def check(config, store, overrides, listen) -> None:
     click.echo(f"ok: {cfg.source}: {len(cfg.listeners)} listener(s), {len(cfg.channels)} channel(s), "
                f"{len(cfg.mappings)} mapping(s), {len(cfg.directory.specialists) if cfg.directory else 0} "
                f"specialist(s) from {cfg.channels_dir}; store {cfg.store_path}")
+
+
+register_direct(main, config_options, readable_errors, _load, _open_store, emit, fail)

@@ -41,10 +41,12 @@ def direct_pki(tmp_path_factory):
     address), rogue (under rogue-anchor.pem); bundle.p7b holds the anchor. Every leaf has a .key.
     """
     import importlib.util
+    import sys
     from pathlib import Path
     path = Path(__file__).resolve().parents[1] / "certs-example" / "make_certs.py"
     spec = importlib.util.spec_from_file_location("make_certs_direct", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     out = tmp_path_factory.mktemp("pki")
     module.build(out)

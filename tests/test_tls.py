@@ -198,22 +198,26 @@ def test_make_certs_is_idempotent_fast_and_forceable(tmp_path):
     first = run_make_certs("--out", str(out))
     assert time.monotonic() - t0 < 3.0
     assert "test material only" in first.stdout
-    snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
+    def files():
+        return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    snapshot = files()
     assert FILES <= set(snapshot)
+    assert {"direct/anchor.pem", "direct/sender.pem", "direct/bundle.p7b", "direct/intermediate.crl.pem"} <= set(snapshot)
 
     second = run_make_certs("--out", str(out))
     assert "wrote" not in second.stdout and "kept" in second.stdout
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot
+    assert files() == snapshot
 
     # A missing revoked certificate is remade, and the CRL with it; the rest is kept.
     (out / "client-revoked.key").unlink()
     run_make_certs("--out", str(out))
-    now = {p.name: p.read_bytes() for p in out.iterdir()}
+    now = files()
     changed = {n for n in snapshot if now[n] != snapshot[n]}
     assert changed == {"client-revoked.key", "client-revoked.pem", "crl.pem"}
 
     run_make_certs("--out", str(out), "--force")
-    forced = {p.name: p.read_bytes() for p in out.iterdir()}
+    forced = files()
     assert all(forced[n] != now[n] for n in FILES)
 
 

@@ -26,7 +26,7 @@ from ..config.directory import Directory, Specialist
 from ..destination import NoDestination, resolve
 from ..v2.parse import ParseError
 from .mapping import Mapping, MissingField
-from .model import Identifier, Name, Telecom
+from .model import Identifier, Name, Referral, Telecom
 
 READY, PARKED = "ready", "parked"
 
@@ -39,6 +39,7 @@ class Processed:
     destination: Specialist | None = None
     reasons: list[str] = field(default_factory=list)
     missing: list[MissingField] = field(default_factory=list)
+    referral: Referral | None = None  # the mapped model, for the transports (patient id, referral id)
 
 
 def referral_key(ident: Identifier) -> str:
@@ -68,7 +69,8 @@ class Pipeline:
         except ParseError as exc:
             return Processed(PARKED, reasons=[f"message not parseable: {exc}"])
         referral = result.referral
-        out = Processed(PARKED, referral_id=referral_key(referral.referral_id), missing=result.errors)
+        out = Processed(PARKED, referral_id=referral_key(referral.referral_id), missing=result.errors,
+                        referral=referral)
         out.reasons += [e.text for e in result.errors]
         try:
             out.destination = resolve(channel, self.directory, referral)

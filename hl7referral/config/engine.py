@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .channels import ChannelConfig, check_routes, load_channels
+from .direct import DIRECT_SCHEMA, DirectConfig, load_direct
 from .directory import Directory, load_directory
 from .schema import ConfigError, toml_error_line, validate
 
@@ -50,6 +51,7 @@ ENGINE_SCHEMA = {
     "standards": {"dir": str, "cache_dir": str},
     "cda": {"local_root": str},
     "listeners": [LISTENER_SCHEMA],
+    "direct": DIRECT_SCHEMA,
 }
 
 
@@ -87,6 +89,7 @@ class EngineConfig:
     standards_dir: Path | None = None
     schematron_cache: Path | None = None
     local_root: str = "2.16.840.1.113883.19"
+    direct: DirectConfig = field(default_factory=DirectConfig)
 
     def channels_for(self, listener: str) -> list[ChannelConfig]:
         return [c for c in self.channels if c.listener == listener]
@@ -231,6 +234,8 @@ def load_engine(
         standards_dir=standards_dir,
         schematron_cache=schematron_cache,
         local_root=local_root,
+        direct=load_direct(data.get("direct", {}), defaults.get("direct", {}), source,
+                           lambda value: _resolve(base, value)),
     )
 
 

@@ -56,6 +56,7 @@ class Processor:
         self._busy = False
         self._stopping = False
         self.counts = dict(ready=0, parked=0)
+        self.on_ready = None  # called with the saved document (the transports: Direct, fax)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -120,7 +121,7 @@ class Processor:
         else:
             d = self._in_thread(self._run, raw, channel_name, codec)
             d.addErrback(self._crashed, message_id, channel_name)
-            d.addCallback(self._save, message_id, channel_name)
+            d.addCallback(self._save, message_id, channel_name, raw)
             d.addErrback(self._failed, message_id, channel_name)
         d.addBoth(self._done, message_id)
 
@@ -137,7 +138,7 @@ class Processor:
         return Processed("parked", reasons=[f"internal error building the document: "
                                             f"{failure.type.__name__}"])
 
-    def _save(self, p: Processed, message_id: int, channel: str) -> Deferred:
+    def _save(self, p: Processed, message_id: int, channel: str, raw: bytes = b"") -> Deferred:
         dest = p.destination
         destination = json.dumps({"name": dest.name, "direct": dest.direct, "fax": dest.fax} if dest else {})
         now = iso_timestamp(self.reactor.seconds())
@@ -148,9 +149,14 @@ class Processor:
         else:
             self.log.warn("ALERT referral {ref} (message #{mid}, channel {ch}) parked: {why}",
                           ref=p.referral_id or "?", mid=message_id, ch=channel, why="; ".join(p.reasons))
-        return self.committer.run(lambda store: store.save_document(
+        d = self.committer.run(lambda store: store.save_document(
             message_id=message_id, channel=channel, referral_id=p.referral_id, status=p.status,
             xml=p.document, destination=destination, reasons=p.reasons, created_at=now))
+        if p.status == "ready" and self.on_ready is not None:
+            d.addCallback(lambda document_id: self.on_ready(
+                document_id=document_id, channel=channel, referral_id=p.referral_id, cda=p.document, raw=raw,
+                destination=dest, referral=p.referral))
+        return d
 
     def _failed(self, failure, message_id: int, channel: str) -> None:
         # Only the store can fail here; the message stays without a document and

@@ -22,6 +22,7 @@ from .committer import GroupCommitter
 from .endpoints import describe_port, is_tls, server_endpoint
 from .ingest import Ingest, policy_for
 from .mllp import MLLPServerFactory
+from .direct_service import DirectService
 from .processor import Processor
 
 
@@ -58,6 +59,10 @@ class EngineService(MultiService):
                             after_mapping=after_mapping)
             factory = MLLPServerFactory(lc, ingest, reactor, tls=is_tls(lc.endpoint))
             self.listeners.append((lc, factory, server_endpoint(reactor, lc.endpoint, lc.base_dir)))
+        self.direct = DirectService(config, self.store, reactor)
+        self.direct.setServiceParent(self)
+        if self.processor is not None:
+            self.processor.on_ready = self.direct.dispatch
         self.ports: list = []
         self.ready: Deferred = Deferred()
 

@@ -122,6 +122,41 @@ def _v2_documents_and_alerts(db: sqlite_utils.Database) -> None:
     )
 
 
+@_migration
+def _v3_outbox_and_mail(db: sqlite_utils.Database) -> None:
+    # One row per send attempt of a packet: the idempotency key (referral/transport/attempt) is unique,
+    # so enqueuing twice (a crash between build and enqueue, a recovery race) never sends twice; the
+    # Message-ID is fixed at enqueue, so every SMTP retry of the attempt carries the same one.
+    db["outbox"].create(
+        {"id": int, "created_at": str, "idempotency_key": str, "referral_id": str, "document_id": int,
+         "channel": str, "transport": str, "kind": str, "sender": str, "recipient": str, "message_id": str,
+         "payload": bytes, "state": str, "attempts": int, "next_attempt_at": float, "deadline": float,
+         "final_delivery": int, "sent_at": float, "processed_at": float, "dispatched_at": float,
+         "last_code": int, "last_error": str, "updated_at": str},
+        pk="id", not_null={"created_at", "idempotency_key", "transport", "kind", "state"},
+        defaults={"attempts": 0, "final_delivery": 0},
+    )
+    db["outbox"].create_index(["idempotency_key"], index_name="outbox_key", unique=True)
+    db["outbox"].create_index(["message_id"], index_name="outbox_message_id")
+    db["outbox"].create_index(["state", "next_attempt_at"], index_name="outbox_due")
+    db["outbox"].create_index(["referral_id"], index_name="outbox_referral")
+    # Inbound mail is committed before the SMTP 250, exactly as received.
+    db["mail"].create(
+        {"id": int, "received_at": str, "mail_from": str, "rcpt_to": str, "raw": bytes, "raw_sha256": str,
+         "message_id": str, "status": str, "kind": str, "from_address": str, "trust": str, "detail": str,
+         "original_message_id": str, "outbox_id": int, "processed_at": str},
+        pk="id", not_null={"received_at", "raw", "raw_sha256", "status"},
+    )
+    db["mail"].create_index(["status"], index_name="mail_status")
+    # The transport audit trail: every state change and every refusal, with its reason (no PHI).
+    db["transport_events"].create(
+        {"id": int, "at": str, "outbox_id": int, "mail_id": int, "referral_id": str, "event": str,
+         "state": str, "detail": str},
+        pk="id", not_null={"at", "event"},
+    )
+    db["transport_events"].create_index(["outbox_id"], index_name="transport_events_outbox")
+
+
 _INSERT = (
     "INSERT OR IGNORE INTO messages (received_at, listener, peer, channel, status, "
     "sending_application, sending_facility, message_type, control_id, referral_id, charset, "

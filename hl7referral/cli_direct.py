@@ -1,0 +1,224 @@
+"""CLI commands for Direct: ``packet``, ``direct verify``, ``direct outbox``, ``direct mail``, ``direct events``.
+
+Each prints one readable line per fact (never a traceback) and exits 0 when all
+is well, 1 when the answer is "no" (not trusted, not sendable), 2 on errors.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .engine.ingest import hl7_timestamp
+
+
+def register(main, config_options, readable_errors, load, open_store, emit, fail) -> None:
+    @main.command("packet")
+    @config_options
+    @click.option("--channel", "channel_name", help="Channel to use (default: by message type).")
+    @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+                  help="Directory for referral-note.xml, referral.zip (XDM) and message.eml.")
+    @click.argument("message", type=click.Path(exists=True, dir_okay=False))
+    @readable_errors
+    def packet_command(config, store, overrides, channel_name, out_dir, message) -> None:
+        """Write what would be sent for MESSAGE, without sending: the C-CDA, the XDM zip, the Direct .eml.
+
+        Exit status 1 when the referral cannot go by Direct (no destination address,
+        no usable recipient certificate, invalid document); the files that could be
+        made are still written.
+        """
+        from .cda.pipeline import Pipeline
+        from .direct import packet as packetlib
+        from .engine.direct import DirectAgent, DirectUnavailable
+        from .engine.direct_service import _patient_cx
+        from .send import read_messages
+        from .store.outbox import Outbox
+
+        cfg = load(config, store, overrides)
+        raws = read_messages(message)
+        if not raws:
+            fail(f"{message}: no HL7 message found")
+        channel = pick_channel(cfg, channel_name, raws[0], fail)
+        validator = None
+        if cfg.standards_dir is not None:
+            from .cda.validate import Validator
+            validator = Validator(cfg.standards_dir, cache_dir=cfg.schematron_cache)
+        now = time.time()
+        result = Pipeline(cfg.mappings, cfg.directory, validator, local_root=cfg.local_root).run(
+            raws[0], channel, now=hl7_timestamp(now))
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        ok = result.status == "ready"
+        for reason in result.reasons:
+            click.echo(f"hl7referral: {reason}", err=True)
+        if result.document is None:
+            sys.exit(1)
+        (out / "referral-note.xml").write_bytes(result.document)
+        click.echo(f"{out / 'referral-note.xml'}: C-CDA Referral Note, referral {result.referral_id}"
+                   + ("" if ok else " (NOT valid: see above)"))
+        recipient = getattr(result.destination, "direct", "") if result.destination else ""
+        order = raws[0] if any(k.startswith("OMG^") for k in channel.accept) else None
+        content = packetlib.PacketContent(referral_id=result.referral_id, cda=result.document,
+                                          created=hl7_timestamp(now)[:14], patient_id=_patient_cx(result.referral),
+                                          order=order, source_oid=cfg.local_root,
+                                          include_bare_cda=cfg.direct.include_bare_cda)
+        sender = cfg.direct.address or "sender@invalid"
+        (out / "referral.zip").write_bytes(packetlib.build_xdm_for(content, sender, recipient or "unknown@invalid"))
+        click.echo(f"{out / 'referral.zip'}: IHE XDM" + (" (C-CDA + v2 order)" if order else " (C-CDA)"))
+        if not recipient:
+            click.echo("no Direct address for the destination: the Direct send would not be attempted")
+            sys.exit(1)
+        with _scratch_store() as scratch:
+            agent = DirectAgent(cfg.direct, Outbox(scratch), local_root=cfg.local_root)
+            try:
+                agent.load()
+            except DirectUnavailable as exc:
+                fail(f"Direct is off: {exc}")
+            found = agent.finder.find(recipient, _utc(now))
+            if not found.usable:
+                for subject, decision in found.rejected:
+                    click.echo(f"certificate {subject}: {decision.code}: {decision.reason}")
+                click.echo(f"no usable certificate for {recipient}: the Direct send would not be attempted")
+                sys.exit(1)
+            key = f"{result.referral_id}/direct/preview"
+            eml = packetlib.referral_message(
+                content, sender=cfg.direct.address, recipient=recipient,
+                message_id=packetlib.message_id_for(key, cfg.direct.domain), date=now, signer=agent.certificate,
+                key=agent.key, chain=agent.chain, recipient_certs=found.usable[:1], cipher=cfg.direct.cipher,
+                key_transport=cfg.direct.key_transport, final_delivery=cfg.direct.request_final_delivery)
+        (out / "message.eml").write_bytes(eml)
+        click.echo(f"{out / 'message.eml'}: Direct message to {recipient} (signed, encrypted: "
+                   f"{cfg.direct.cipher}, {cfg.direct.key_transport})")
+        sys.exit(0 if ok else 1)
+
+    @main.group()
+    def direct() -> None:
+        """Direct messaging: check a message, the outbox, inbound mail, the transport audit trail."""
+
+    @direct.command("verify")
+    @config_options
+    @click.argument("eml", type=click.Path(exists=True, dir_okay=False))
+    @readable_errors
+    def direct_verify(config, store, overrides, eml) -> None:
+        """Decrypt EML with our Direct identity, verify its signature, print the trust decision.
+
+        Exit status 0 when the message is trusted, 1 when it is not.
+        """
+        from email.parser import BytesHeaderParser
+        from email.utils import parseaddr
+
+        from .direct import smime
+        from .direct.trust import check_sender
+        from .engine.direct import DirectAgent, DirectUnavailable
+        from .store.outbox import Outbox
+
+        cfg = load(config, store, overrides)
+        raw = Path(eml).read_bytes()
+        sender = parseaddr(BytesHeaderParser().parsebytes(raw).get("From", ""))[1]
+        with _scratch_store() as scratch:
+            agent = DirectAgent(cfg.direct, Outbox(scratch), local_root=cfg.local_root)
+            try:
+                agent.load()
+            except DirectUnavailable as exc:
+                fail(f"Direct is off: {exc}")
+        try:
+            opened = smime.decrypt(raw, agent.certificate, agent.key)
+            click.echo(f"decrypted: {opened.cipher}, key transport {opened.key_transport}")
+            verified = smime.verify(opened.entity)
+        except smime.SmimeError as exc:
+            click.echo(f"refused: {exc.code}: {exc}")
+            sys.exit(1)
+        click.echo(f"signature: valid ({verified.digest}) by {verified.signer.subject.rfc4514_string()}")
+        decision = check_sender(verified.signer, verified.certificates, sender, agent.anchors, agent.policy,
+                                _utc(time.time()))
+        if decision.path:
+            click.echo("path: " + " <- ".join(decision.path))
+        bound = f", {decision.binding}-bound to {sender}" if decision.binding else ""
+        click.echo(f"trust: {decision.code}{bound}: {decision.reason}" if decision.reason else
+                   f"trust: {decision.code}{bound}")
+        sys.exit(0 if decision.ok else 1)
+
+    @direct.command("outbox")
+    @config_options
+    @click.option("--state", help="Only rows in this state (QUEUED, SENT, MDN_PROCESSED, FAILED, TIMED_OUT...).")
+    @click.option("--referral", "referral_id", help="Only this referral's rows.")
+    @click.option("--limit", default=50, show_default=True, type=int)
+    @click.option("--json", "as_json", is_flag=True)
+    @readable_errors
+    def direct_outbox(config, store, overrides, state, referral_id, limit, as_json) -> None:
+        """Outbound packets and MDNs: id, state, transport, kind, recipient, attempts, last error."""
+        from .store.outbox import Outbox
+        rows = Outbox(open_store(config, store, overrides)).list(limit=limit, state=state, referral_id=referral_id)
+        emit(rows, as_json, lambda r: (
+            f"{r['id']:>5} {r['state']:<15} {r['transport']:<6} {r['kind']:<14} {r['referral_id'] or '-':<22} "
+            f"to={r['recipient'] or '-'} attempts={r['attempts']}"
+            + (f" last={r['last_code'] or ''} {r['last_error']}" if r["last_error"] else "")))
+
+    @direct.command("mail")
+    @config_options
+    @click.option("--limit", default=50, show_default=True, type=int)
+    @click.option("--json", "as_json", is_flag=True)
+    @readable_errors
+    def direct_mail(config, store, overrides, limit, as_json) -> None:
+        """Inbound mail from the HISP: id, status, kind, sender, trust decision, detail."""
+        from .store.outbox import Outbox
+        rows = Outbox(open_store(config, store, overrides)).list_mail(limit=limit)
+        emit(rows, as_json, lambda r: (
+            f"{r['id']:>5} {r['received_at']} {r['status']:<14} {r['kind'] or '-':<8} from={r['from_address'] or '-'}"
+            f" trust={r['trust'] or '-'} {r['detail'] or ''}"))
+
+    @direct.command("events")
+    @config_options
+    @click.option("--outbox", "outbox_id", type=int, help="Only this outbox row's events.")
+    @click.option("--mail", "mail_id", type=int, help="Only this mail's events.")
+    @click.option("--limit", default=200, show_default=True, type=int)
+    @click.option("--json", "as_json", is_flag=True)
+    @readable_errors
+    def direct_events(config, store, overrides, outbox_id, mail_id, limit, as_json) -> None:
+        """The transport audit trail: every send, retry, MDN, timeout, refusal, with its reason."""
+        from .store.outbox import Outbox
+        rows = Outbox(open_store(config, store, overrides)).events(outbox_id=outbox_id, mail_id=mail_id, limit=limit)
+        emit(rows, as_json, lambda r: (
+            f"{r['at']} outbox={r['outbox_id'] or '-'} mail={r['mail_id'] or '-'} {r['event']:<16} "
+            f"{r['state'] or '-':<15} {r['referral_id'] or '-'} {r['detail'] or ''}"))
+
+
+def _utc(now: float):
+    import datetime as dt
+    return dt.datetime.fromtimestamp(now, dt.timezone.utc)
+
+
+class _scratch_store:
+    """A throw-away in-memory-like store for commands that use the agent without the engine's store."""
+
+    def __enter__(self):
+        import tempfile
+
+        from .store import Store
+        self._dir = tempfile.TemporaryDirectory(prefix="hl7referral-")
+        self.store = Store.open(Path(self._dir.name) / "scratch.db")
+        return self.store
+
+    def __exit__(self, *exc) -> None:
+        self.store.close()
+        self._dir.cleanup()
+
+
+def pick_channel(cfg, channel_name, raw, fail):
+    if channel_name:
+        channel = next((c for c in cfg.channels if c.name == channel_name), None)
+        if channel is None:
+            fail(f"no channel named {channel_name!r} (have: {', '.join(c.name for c in cfg.channels)})")
+        return channel
+    from .engine.ingest import policy_for
+    from .v2.header import read_header
+    header = read_header(raw)
+    policy = policy_for(cfg.listeners[0], cfg.channels)
+    name = policy.route(header.type_and_event, header.sending_facility, header.delimiters.component)
+    channel = next((c for c in cfg.channels if c.name == name), None)
+    if channel is None or not channel.mapping:
+        fail(f"no channel with a mapping takes {header.type_and_event}; name one with --channel")
+    return channel

@@ -1,0 +1,192 @@
+"""The outbox (one row per send attempt of a packet), inbound mail, and the transport audit trail.
+
+Invariants
+----------
+* A packet is enqueued at most once per idempotency key (``referral/transport/attempt``):
+  :meth:`Outbox.enqueue` on a key already present returns the existing row and changes nothing.
+* The payload and Message-ID are fixed at enqueue; every SMTP retry sends the same bytes.
+* Every state change is written together with its ``transport_events`` row, in one
+  transaction: the audit trail cannot miss a transition, nor record one that did not happen.
+* Inbound mail is stored exactly as received (:meth:`Outbox.save_mail`) before the SMTP
+  listener answers 250; what happens to it afterwards only updates that row.
+* Times that drive timers (``next_attempt_at``, ``deadline``, ``sent_at``...) are seconds
+  from the engine's injected clock; ``*_at`` strings are for people.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from .sqlite import Store
+
+ACTIVE = ("QUEUED", "RETRY_WAIT")
+WAITING_FOR_MDN = ("SENT", "MDN_PROCESSED")
+
+_OUTBOX_LIST = ("id, created_at, idempotency_key, referral_id, document_id, channel, transport, kind, sender, "
+                "recipient, message_id, state, attempts, next_attempt_at, deadline, final_delivery, sent_at, "
+                "processed_at, dispatched_at, last_code, last_error, updated_at, length(payload) AS size")
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    id: int
+    created: bool  # False: the key was there already (nothing was added)
+    state: str
+
+
+class Outbox:
+    """Outbox, mail and transport events of one :class:`Store` (shares its connection and write lock)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.conn = store.conn
+
+    # -- outbox ---------------------------------------------------------------------
+
+    def enqueue(self, *, key: str, referral_id: str, document_id: int | None, channel: str, transport: str,
+                kind: str, sender: str, recipient: str, message_id: str, payload: bytes, at: str, now: float,
+                final_delivery: bool = False, detail: str = "") -> Enqueued:
+        s = self.store
+        with s._lock, s._transaction():
+            row = self.conn.execute("SELECT id, state FROM outbox WHERE idempotency_key = ?", (key,)).fetchone()
+            if row:
+                return Enqueued(row[0], False, row[1])
+            cur = self.conn.execute(
+                "INSERT INTO outbox (created_at, idempotency_key, referral_id, document_id, channel, transport, "
+                "kind, sender, recipient, message_id, payload, state, attempts, next_attempt_at, final_delivery, "
+                "updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,'QUEUED',0,?,?,?)",
+                (at, key, referral_id, document_id, channel, transport, kind, sender, recipient, message_id,
+                 payload, now, int(final_delivery), at))
+            self._event(cur.lastrowid, None, referral_id, "queued", "QUEUED", detail or f"{kind} to {recipient}", at)
+            return Enqueued(cur.lastrowid, True, "QUEUED")
+
+    def due(self, now: float, limit: int = 50, transports: tuple[str, ...] = ("direct",)) -> list[dict]:
+        """Rows to send now (oldest first)."""
+        marks = ",".join("?" * len(transports))
+        return [dict(r) for r in self.store.db.query(
+            f"SELECT * FROM outbox WHERE state IN ('QUEUED','RETRY_WAIT') AND next_attempt_at <= ? "
+            f"AND transport IN ({marks}) ORDER BY next_attempt_at, id LIMIT ?", [now, *transports, int(limit)])]
+
+    def next_due(self, transports: tuple[str, ...] = ("direct",)) -> float | None:
+        """When the earliest send or timeout falls due (None: nothing pending)."""
+        marks = ",".join("?" * len(transports))
+        row = self.conn.execute(
+            f"SELECT min(t) FROM (SELECT min(next_attempt_at) AS t FROM outbox WHERE state IN ('QUEUED','RETRY_WAIT') "
+            f"AND transport IN ({marks}) UNION ALL SELECT min(deadline) FROM outbox WHERE deadline IS NOT NULL "
+            f"AND state IN ('SENT','MDN_PROCESSED') AND transport IN ({marks}))", [*transports, *transports]).fetchone()
+        return row[0] if row else None
+
+    def expired(self, now: float, transports: tuple[str, ...] = ("direct",)) -> list[dict]:
+        """Rows whose MDN deadline has passed."""
+        marks = ",".join("?" * len(transports))
+        return [dict(r) for r in self.store.db.query(
+            f"SELECT * FROM outbox WHERE state IN ('SENT','MDN_PROCESSED') AND deadline IS NOT NULL AND deadline <= ? "
+            f"AND transport IN ({marks}) ORDER BY deadline, id", [now, *transports])]
+
+    def update(self, outbox_id: int, *, event: str, at: str, detail: str = "", mail_id: int | None = None,
+               **fields: Any) -> None:
+        """Change a row and write its audit event in one transaction (``state`` among *fields* is recorded)."""
+        s = self.store
+        with s._lock, s._transaction():
+            self._update(outbox_id, event=event, at=at, detail=detail, mail_id=mail_id, **fields)
+
+    def _update(self, outbox_id: int, *, event: str, at: str, detail: str, mail_id: int | None, **fields: Any) -> None:
+        fields["updated_at"] = at
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self.conn.execute(f"UPDATE outbox SET {sets} WHERE id = ?", [*fields.values(), outbox_id])
+        referral = self.conn.execute("SELECT referral_id, state FROM outbox WHERE id = ?", (outbox_id,)).fetchone()
+        self._event(outbox_id, mail_id, referral[0] if referral else None, event,
+                    referral[1] if referral else None, detail, at)
+
+    def get(self, outbox_id: int) -> dict | None:
+        rows = list(self.store.db.query("SELECT * FROM outbox WHERE id = ?", [int(outbox_id)]))
+        return rows[0] if rows else None
+
+    def by_message_id(self, message_id: str) -> dict | None:
+        rows = list(self.store.db.query("SELECT * FROM outbox WHERE message_id = ? ORDER BY id LIMIT 1",
+                                        [message_id]))
+        return rows[0] if rows else None
+
+    def list(self, *, limit: int = 50, state: str | None = None, referral_id: str | None = None) -> list[dict]:
+        where, args = [], []
+        if state:
+            where.append("state = ?")
+            args.append(state)
+        if referral_id:
+            where.append("referral_id = ?")
+            args.append(referral_id)
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        return [dict(r) for r in self.store.db.query(
+            f"SELECT {_OUTBOX_LIST} FROM outbox {clause} ORDER BY id DESC LIMIT ?", [*args, int(limit)])]
+
+    def attempts_for(self, referral_id: str, transport: str) -> int:
+        return self.conn.execute("SELECT count(*) FROM outbox WHERE referral_id = ? AND transport = ?",
+                                 (referral_id, transport)).fetchone()[0]
+
+    # -- inbound mail -----------------------------------------------------------------
+
+    def save_mail(self, *, mail_from: str, rcpt_to: list[str], raw: bytes, message_id: str, at: str) -> int:
+        s = self.store
+        with s._lock, s._transaction():
+            cur = self.conn.execute(
+                "INSERT INTO mail (received_at, mail_from, rcpt_to, raw, raw_sha256, message_id, status) "
+                "VALUES (?,?,?,?,?,?,'received')",
+                (at, mail_from, ",".join(rcpt_to), raw, hashlib.sha256(raw).hexdigest(), message_id))
+            self._event(None, cur.lastrowid, None, "mail-received", None, f"{len(raw)} bytes from {mail_from}", at)
+            return cur.lastrowid
+
+    def update_mail(self, mail_id: int, *, event: str, at: str, detail: str = "", **fields: Any) -> None:
+        s = self.store
+        with s._lock, s._transaction():
+            if fields:
+                sets = ", ".join(f"{k} = ?" for k in fields)
+                self.conn.execute(f"UPDATE mail SET {sets} WHERE id = ?", [*fields.values(), mail_id])
+            self._event(fields.get("outbox_id"), mail_id, None, event, fields.get("status"), detail, at)
+
+    def unprocessed_mail(self, limit: int = 100) -> list[dict]:
+        return [dict(r) for r in self.store.db.query(
+            "SELECT * FROM mail WHERE status = 'received' ORDER BY id LIMIT ?", [int(limit)])]
+
+    def list_mail(self, *, limit: int = 50) -> list[dict]:
+        return [dict(r) for r in self.store.db.query(
+            "SELECT id, received_at, mail_from, rcpt_to, message_id, status, kind, from_address, trust, detail, "
+            "original_message_id, outbox_id, length(raw) AS size FROM mail ORDER BY id DESC LIMIT ?", [int(limit)])]
+
+    def get_mail(self, mail_id: int) -> dict | None:
+        rows = list(self.store.db.query("SELECT * FROM mail WHERE id = ?", [int(mail_id)]))
+        return rows[0] if rows else None
+
+    # -- audit ---------------------------------------------------------------------------
+
+    def events(self, *, outbox_id: int | None = None, mail_id: int | None = None, limit: int = 200) -> list[dict]:
+        where, args = [], []
+        if outbox_id is not None:
+            where.append("outbox_id = ?")
+            args.append(outbox_id)
+        if mail_id is not None:
+            where.append("mail_id = ?")
+            args.append(mail_id)
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        return [dict(r) for r in self.store.db.query(
+            f"SELECT * FROM transport_events {clause} ORDER BY id LIMIT ?", [*args, int(limit)])]
+
+    def audit(self, *, event: str, at: str, detail: str, referral_id: str | None = None) -> None:
+        """An event that belongs to no outbox row or mail (e.g. a transport skipped for want of a certificate)."""
+        s = self.store
+        with s._lock, s._transaction():
+            self._event(None, None, referral_id, event, None, detail, at)
+
+    def alert(self, *, kind: str, text: str, at: str, referral_id: str | None = None, channel: str | None = None,
+              owner: str = "coordinators") -> None:
+        s = self.store
+        with s._lock, s._transaction():
+            self.conn.execute(
+                "INSERT INTO alerts (created_at, kind, referral_id, channel, text, owner) VALUES (?,?,?,?,?,?)",
+                (at, kind, referral_id, channel, text, owner))
+
+    def _event(self, outbox_id, mail_id, referral_id, event, state, detail, at) -> None:
+        self.conn.execute(
+            "INSERT INTO transport_events (at, outbox_id, mail_id, referral_id, event, state, detail) "
+            "VALUES (?,?,?,?,?,?,?)", (at, outbox_id, mail_id, referral_id, event, state, detail))
