@@ -23,7 +23,7 @@ from .send import MLLPClient, SendError, read_messages, tls_context
 from .store import Store, StoreError
 from .v2.header import BrokenHeader, NotHL7
 
-EXPECTED_ERRORS = (ConfigError, StoreError, EndpointError, SendError, OSError, BrokenHeader, NotHL7)
+EXPECTED_ERRORS = (ConfigError, StoreError, EndpointError, SendError, OSError, BrokenHeader, NotHL7, ValueError)
 
 
 def fail(message: str, code: int = 2) -> None:

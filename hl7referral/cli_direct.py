@@ -117,7 +117,9 @@ def register(main, config_options, readable_errors, load, open_store, emit, fail
 
         cfg = load(config, store, overrides)
         raw = Path(eml).read_bytes()
-        sender = parseaddr(BytesHeaderParser().parsebytes(raw).get("From", ""))[1]
+        # str(): a From with raw non-ASCII bytes comes back as an email.header.Header, which
+        # parseaddr cannot take (TypeError); the address itself is ASCII either way.
+        sender = parseaddr(str(BytesHeaderParser().parsebytes(raw).get("From", "")))[1]
         with _scratch_store() as scratch:
             agent = DirectAgent(cfg.direct, Outbox(scratch), local_root=cfg.local_root)
             try:
@@ -129,7 +131,7 @@ def register(main, config_options, readable_errors, load, open_store, emit, fail
             click.echo(f"decrypted: {opened.cipher}, key transport {opened.key_transport}")
             verified = smime.verify(opened.entity)
         except smime.SmimeError as exc:
-            click.echo(f"refused: {exc.code}: {exc}")
+            click.echo(f"refused: {exc}")  # str(SmimeError) already starts with its code
             sys.exit(1)
         click.echo(f"signature: valid ({verified.digest}) by {verified.signer.subject.rfc4514_string()}")
         decision = check_sender(verified.signer, verified.certificates, sender, agent.anchors, agent.policy,

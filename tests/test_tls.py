@@ -198,12 +198,14 @@ def test_make_certs_is_idempotent_fast_and_forceable(tmp_path):
     first = run_make_certs("--out", str(out))
     assert time.monotonic() - t0 < 3.0
     assert "test material only" in first.stdout
+
     def files():
         return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     snapshot = files()
     assert FILES <= set(snapshot)
-    assert {"direct/anchor.pem", "direct/sender.pem", "direct/bundle.p7b", "direct/intermediate.crl.pem"} <= set(snapshot)
+    assert {"direct/anchor.pem", "direct/sender.pem", "direct/bundle.p7b",
+            "direct/intermediate.crl.pem"} <= set(snapshot)
 
     second = run_make_certs("--out", str(out))
     assert "wrote" not in second.stdout and "kept" in second.stdout

@@ -135,11 +135,15 @@ class DirectAgent:
         content = packet.PacketContent(referral_id=referral_id, cda=cda, created=created or _hl7(now),
                                        patient_id=patient_id, order=order, source_oid=self.local_root,
                                        include_bare_cda=self.config.include_bare_cda)
-        eml = packet.referral_message(content, sender=self.config.address, recipient=recipient,
-                                      message_id=message_id, date=now, signer=self.certificate, key=self.key,
-                                      chain=self.chain, recipient_certs=found.usable[:1], cipher=self.config.cipher,
-                                      key_transport=self.config.key_transport,
-                                      final_delivery=self.config.request_final_delivery)
+        try:
+            eml = packet.referral_message(content, sender=self.config.address, recipient=recipient,
+                                          message_id=message_id, date=now, signer=self.certificate, key=self.key,
+                                          chain=self.chain, recipient_certs=found.usable[:1],
+                                          cipher=self.config.cipher, key_transport=self.config.key_transport,
+                                          final_delivery=self.config.request_final_delivery)
+        except (XdmError, smime.SmimeError, ValueError) as exc:
+            # e.g. no patient id for the XDM metadata: the next transport takes it, with the reason audited.
+            return Skipped(f"the Direct packet cannot be built: {exc}")
         return self.outbox.enqueue(key=key, referral_id=referral_id, document_id=document_id, channel=channel,
                                    transport="direct", kind="referral", sender=self.config.address,
                                    recipient=recipient, message_id=message_id, payload=eml, at=iso_timestamp(now),
