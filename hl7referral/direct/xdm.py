@@ -254,7 +254,8 @@ def _add(zf: zipfile.ZipFile, name: str, data: bytes, when: tuple[int, int, int,
     info.compress_type = zipfile.ZIP_DEFLATED
     info.create_system = 3
     info.external_attr = 0o100644 << 16
-    zf.writestr(info, bytes(data), compress_type=zipfile.ZIP_DEFLATED, compresslevel=6)
+    # Level 1: the zip travels base64ed in an encrypted message; level 6 cost ~0.3 ms more for ~18% fewer bytes.
+    zf.writestr(info, bytes(data), compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
 
 
 def _zip_time(dtm: str) -> tuple[int, int, int, int, int, int]:
