@@ -33,21 +33,29 @@ def store(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def direct_pki(tmp_path_factory):
+def make_certs():
+    """certs-example/make_certs.py as a module (its building blocks: make_ca, make_leaf, make_crl...)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    name = "make_certs_for_tests"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "certs-example" / "make_certs.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def direct_pki(tmp_path_factory, make_certs):
     """The example Direct PKI (certs-example/make_certs.py, ``direct/``), made once per test run.
 
     anchor.pem (root) → intermediate.pem → sender/receiver (address-bound), sender-org/receiver-org
     (domain-bound); expired, revoked (in intermediate.crl.pem), small (1024-bit), unbound (other
     address), rogue (under rogue-anchor.pem); bundle.p7b holds the anchor. Every leaf has a .key.
     """
-    import importlib.util
-    import sys
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "certs-example" / "make_certs.py"
-    spec = importlib.util.spec_from_file_location("make_certs_direct", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
     out = tmp_path_factory.mktemp("pki")
-    module.build(out)
+    make_certs.build(out)
     return out / "direct"

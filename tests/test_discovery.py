@@ -2,13 +2,10 @@
 served by a real dnslib DNS server on 127.0.0.1 (UDP and TCP), then the trust filter (DCDT 502, 511/512/520)."""
 
 import datetime as dt
-import importlib.util
 import logging
 import socket
 import struct
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -20,26 +17,6 @@ from hl7referral.direct.discovery import CertificateFinder, DnsCertLookup, Local
 from hl7referral.direct.trust import Anchors, TrustPolicy, load_crls
 
 SENDER, RECEIVER = "referrals@direct.sender.test", "cardiology@direct.receiver.test"
-MAKE_CERTS = Path(__file__).resolve().parents[1] / "certs-example" / "make_certs.py"
-
-
-def _make_certs_module():
-    name = "make_certs_for_test_discovery"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, MAKE_CERTS)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # @dataclass needs the module registered while it executes
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-@pytest.fixture(scope="session")
-def direct_pki(tmp_path_factory):
-    """Same PKI as conftest's ``direct_pki``; built here because that fixture execs make_certs.py without
-    registering it in sys.modules, which its @dataclass needs (AttributeError on Python 3.11)."""
-    out = tmp_path_factory.mktemp("pki-discovery")
-    _make_certs_module().build(out)
-    return out / "direct"
 
 
 def cert(pki, name):

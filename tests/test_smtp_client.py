@@ -8,19 +8,16 @@ loop on another thread, on an ephemeral port.
 from __future__ import annotations
 
 import importlib.util
-import queue
 import socket
 import ssl as stdlib_ssl
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
-from twisted.internet import defer
-from twisted.python.failure import Failure
 
+from reactor_thread import call, running_reactor
 from hl7referral.engine.endpoints import tls_options as server_tls_options
 from hl7referral.engine.smtp_client import Relay, SendResult, send, wire_data
 from hl7referral.engine.smtp_server import InboundSMTPFactory, listen
@@ -35,33 +32,9 @@ MESSAGE = (b"From: referrals@direct.sender.test\r\nTo: cardiology@direct.receive
 # -- a Twisted reactor on a thread ----------------------------------------------------
 
 
-REACTOR_THREAD = "twisted-reactor-for-tests"  # the same name in test_smtp_server.py: one reactor per process
-
-
 @pytest.fixture(scope="module")
 def reactor():
-    """Twisted's global reactor, running on a daemon thread for the rest of the test process.
-
-    The global one, not a private instance: Twisted's TLS layer and pull producers schedule
-    on it (twisted.protocols.tls's write aggregation, task.cooperate) whatever reactor the
-    connection uses. No other test runs it in-process; a reactor cannot be restarted, so
-    it is started once (by whichever SMTP test module comes first) and never stopped.
-    """
-    from twisted.internet import reactor as r
-    if not any(t.name == REACTOR_THREAD for t in threading.enumerate()):
-        threading.Thread(target=r.run, kwargs={"installSignalHandlers": False}, daemon=True,
-                         name=REACTOR_THREAD).start()
-    return r
-
-
-def call(r, fn, *args, timeout=30, **kw):
-    """Run fn in the reactor thread; wait for its (Deferred) result."""
-    out: queue.Queue = queue.Queue()
-    r.callFromThread(lambda: defer.maybeDeferred(fn, *args, **kw).addBoth(out.put))
-    result = out.get(timeout=timeout)
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result
+    return running_reactor()
 
 
 def deliver(r, relay, data=MESSAGE, recipients=(TO,), timeout=30) -> SendResult:

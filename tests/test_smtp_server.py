@@ -7,7 +7,6 @@ in it, and the tests look at what it was given.
 from __future__ import annotations
 
 import importlib.util
-import queue
 import shutil
 import smtplib
 import socket
@@ -19,8 +18,8 @@ from pathlib import Path
 
 import pytest
 from twisted.internet import defer
-from twisted.python.failure import Failure
 
+from reactor_thread import call, running_reactor
 from hl7referral.engine.endpoints import tls_options
 from hl7referral.engine.smtp_server import InboundSMTPFactory, listen
 
@@ -35,32 +34,10 @@ FIXTURE = (b"From: a@x.test\nTo: b@direct.receiver.test\nMessage-ID: <in-1@x.tes
            b"body line one\n.starts with a dot\n..two dots\n.\nlast line\n")
 EXPECTED = FIXTURE.replace(b"\n", b"\r\n")
 
-REACTOR_THREAD = "twisted-reactor-for-tests"  # the same name in test_smtp_client.py: one reactor per process
-
 
 @pytest.fixture(scope="module")
 def reactor():
-    """Twisted's global reactor, running on a daemon thread for the rest of the test process.
-
-    The global one, not a private instance: Twisted's TLS layer and pull producers schedule
-    on it whatever reactor the connection uses. No other test runs it in-process; a reactor
-    cannot be restarted, so it is started once and never stopped.
-    """
-    from twisted.internet import reactor as r
-    if not any(t.name == REACTOR_THREAD for t in threading.enumerate()):
-        threading.Thread(target=r.run, kwargs={"installSignalHandlers": False}, daemon=True,
-                         name=REACTOR_THREAD).start()
-    return r
-
-
-def call(r, fn, *args, timeout=30, **kw):
-    """Run fn in the reactor thread; wait for its (Deferred) result."""
-    out: queue.Queue = queue.Queue()
-    r.callFromThread(lambda: defer.maybeDeferred(fn, *args, **kw).addBoth(out.put))
-    result = out.get(timeout=timeout)
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result
+    return running_reactor()
 
 
 class Acceptor:

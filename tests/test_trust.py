@@ -2,12 +2,9 @@
 
 import asyncio
 import datetime as dt
-import importlib.util
 import re
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -19,31 +16,11 @@ from hl7referral.direct.trust import (
 )
 
 SENDER, RECEIVER = "referrals@direct.sender.test", "cardiology@direct.receiver.test"
-MAKE_CERTS = Path(__file__).resolve().parents[1] / "certs-example" / "make_certs.py"
-
-
-def _make_certs_module():
-    name = "make_certs_for_test_trust"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, MAKE_CERTS)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # @dataclass needs the module registered while it executes
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @pytest.fixture(scope="session")
-def direct_pki(tmp_path_factory):
-    """Same PKI as conftest's ``direct_pki``; built here because that fixture execs make_certs.py without
-    registering it in sys.modules, which its @dataclass needs (AttributeError on Python 3.11)."""
-    out = tmp_path_factory.mktemp("pki-trust")
-    _make_certs_module().build(out)
-    return out / "direct"
-
-
-@pytest.fixture(scope="session")
-def mc():
-    return _make_certs_module()
+def mc(make_certs):
+    return make_certs
 
 
 def now():
