@@ -35,6 +35,8 @@ DIRECT_SCHEMA = {
     "smtp": {"host": str, "port": int, "starttls": ("require", "opportunistic", "none"), "username": str,
              "password_env": str, "ca_file": str, "helo": str, "timeout": float},
     "inbound": {"endpoint": str, "domains": [str], "max_size": int, "deliver_dir": str},
+    "mailbox": {"host": str, "port": int, "username": str, "password_env": str,
+                "tls": ("implicit", "starttls", "none"), "ca_file": str, "interval": float},
 }
 
 _ADDRESS = re.compile(r"^[^@\s]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$|^[^@\s]+@[A-Za-z0-9.-]+$")
@@ -77,6 +79,7 @@ class DirectConfig:
     inbound_domains: tuple[str, ...] = ()
     inbound_max_size: int = 25 * 2 ** 20
     deliver_dir: Path | None = None
+    mailbox: dict = field(default_factory=dict)  # [direct.mailbox]: POP3 polling ("host" "" = off)
 
     @property
     def domain(self) -> str:
@@ -137,4 +140,5 @@ def load_direct(data: dict[str, Any], defaults: dict[str, Any], source: str,
         inbound_domains=domains,
         inbound_max_size=int(inbound.get("max_size", 25 * 2 ** 20)),
         deliver_dir=path(inbound.get("deliver_dir", "")),
+        mailbox={**defaults.get("mailbox", {}), **data.get("mailbox", {})},
     )

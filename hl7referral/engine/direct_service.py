@@ -75,6 +75,18 @@ class DirectService(Service):
             self.log.warn("Direct transport off: {why}", why=str(exc))
         self.pool.start()
         self.loop.start(self.interval, now=True)
+        box = self.config.direct.mailbox
+        if self.enabled and box.get("host"):
+            from .mailbox import MailboxConfig, POP3Poller
+            password = os.environ.get(box.get("password_env", ""), "") if box.get("password_env") else ""
+            poller = POP3Poller(self.reactor, MailboxConfig(
+                host=box["host"], port=int(box.get("port", 995)), username=box.get("username", ""),
+                password=password, tls=box.get("tls", "implicit"), ca_file=box.get("ca_file", ""),
+                interval=float(box.get("interval", 60.0))), self._accept, self.config.direct.address)
+            self.mailbox_loop = LoopingCall(poller.poll)
+            self.mailbox_loop.clock = self.clock
+            self.mailbox_loop.start(float(box.get("interval", 60.0)), now=True)
+            self.log.info("Direct: polling POP3 mailbox {host}:{port}", host=box["host"], port=box.get("port"))
         endpoint = self.config.direct.inbound_endpoint
         if self.enabled and endpoint:
             from .smtp_server import InboundSMTPFactory, listen
@@ -96,8 +108,9 @@ class DirectService(Service):
     @inlineCallbacks
     def stopService(self):
         yield super().stopService()
-        if self.loop.running:
-            self.loop.stop()
+        for loop in (self.loop, getattr(self, "mailbox_loop", None)):
+            if loop is not None and loop.running:
+                loop.stop()
         if self.port is not None:
             yield self.port.stopListening()
         self.pool.stop()
