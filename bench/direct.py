@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import serialization  # noqa: E402
 from lxml import etree  # noqa: E402
 from hl7referral.cda.mapping import load_mappings  # noqa: E402
 from hl7referral.cda.pipeline import referral_key  # noqa: E402
+from hl7referral.direct.packet import patient_cx  # noqa: E402
 from hl7referral.cda.referral_note import build_referral_note, to_bytes  # noqa: E402
 from hl7referral.config import load_engine  # noqa: E402
 from hl7referral.destination import resolve  # noqa: E402
@@ -72,11 +73,7 @@ def referral_note(compact: bool = False) -> tuple[bytes, str, str, int]:
     raw = two_kb_referral()
     referral = mapping.map_bytes(raw).referral
     resolve(channel, cfg.directory, referral)
-    patient = ""
-    for ident in getattr(referral.patient, "ids", None) or []:  # as the engine's Direct service does
-        if ident.extension:
-            patient = f"{ident.extension}^^^&{ident.root}&ISO" if ident.root else ident.extension
-            break
+    patient = patient_cx(referral)  # as the engine's Direct service does
     tree = build_referral_note(referral)
     # The engine stores and sends the indented form (42 KB); --compact gives the same document unindented
     # (27 KB), the size the target names (~30 KB).

@@ -32,10 +32,8 @@ def register(main, config_options, readable_errors, load, open_store, emit, fail
         """
         from .cda.pipeline import Pipeline
         from .direct import packet as packetlib
-        from .engine.direct import DirectAgent, DirectUnavailable
-        from .engine.direct_service import _patient_cx
+        from .engine.direct import DirectAgent, DirectUnavailable, utc
         from .send import read_messages
-        from .store.outbox import Outbox
 
         cfg = load(config, store, overrides)
         raws = read_messages(message)
@@ -60,9 +58,9 @@ def register(main, config_options, readable_errors, load, open_store, emit, fail
         click.echo(f"{out / 'referral-note.xml'}: C-CDA Referral Note, referral {result.referral_id}"
                    + ("" if ok else " (NOT valid: see above)"))
         recipient = getattr(result.destination, "direct", "") if result.destination else ""
-        order = raws[0] if any(k.startswith("OMG^") for k in channel.accept) else None
+        order = raws[0] if channel.sends_order else None
         content = packetlib.PacketContent(referral_id=result.referral_id, cda=result.document,
-                                          created=hl7_timestamp(now)[:14], patient_id=_patient_cx(result.referral),
+                                          created=hl7_timestamp(now), patient_id=packetlib.patient_cx(result.referral),
                                           order=order, source_oid=cfg.local_root,
                                           include_bare_cda=cfg.direct.include_bare_cda)
         sender = cfg.direct.address or "sender@invalid"
@@ -71,24 +69,23 @@ def register(main, config_options, readable_errors, load, open_store, emit, fail
         if not recipient:
             click.echo("no Direct address for the destination: the Direct send would not be attempted")
             sys.exit(1)
-        with _scratch_store() as scratch:
-            agent = DirectAgent(cfg.direct, Outbox(scratch), local_root=cfg.local_root)
-            try:
-                agent.load()
-            except DirectUnavailable as exc:
-                fail(f"Direct is off: {exc}")
-            found = agent.finder.find(recipient, _utc(now))
-            if not found.usable:
-                for subject, decision in found.rejected:
-                    click.echo(f"certificate {subject}: {decision.code}: {decision.reason}")
-                click.echo(f"no usable certificate for {recipient}: the Direct send would not be attempted")
-                sys.exit(1)
-            key = f"{result.referral_id}/direct/preview"
-            eml = packetlib.referral_message(
-                content, sender=cfg.direct.address, recipient=recipient,
-                message_id=packetlib.message_id_for(key, cfg.direct.domain), date=now, signer=agent.certificate,
-                key=agent.key, chain=agent.chain, recipient_certs=found.usable[:1], cipher=cfg.direct.cipher,
-                key_transport=cfg.direct.key_transport, final_delivery=cfg.direct.request_final_delivery)
+        agent = DirectAgent(cfg.direct, None, local_root=cfg.local_root)  # no outbox: nothing is queued
+        try:
+            agent.load()
+        except DirectUnavailable as exc:
+            fail(f"Direct is off: {exc}")
+        found = agent.finder.find(recipient, utc(now))
+        if not found.usable:
+            for subject, decision in found.rejected:
+                click.echo(f"certificate {subject}: {decision.code}: {decision.reason}")
+            click.echo(f"no usable certificate for {recipient}: the Direct send would not be attempted")
+            sys.exit(1)
+        key = f"{result.referral_id}/direct/preview"
+        eml = packetlib.referral_message(
+            content, sender=cfg.direct.address, recipient=recipient,
+            message_id=packetlib.message_id_for(key, cfg.direct.domain), date=now, signer=agent.certificate,
+            key=agent.key, chain=agent.chain, recipient_certs=found.usable[:1], cipher=cfg.direct.cipher,
+            key_transport=cfg.direct.key_transport, final_delivery=cfg.direct.request_final_delivery)
         (out / "message.eml").write_bytes(eml)
         click.echo(f"{out / 'message.eml'}: Direct message to {recipient} (signed, encrypted: "
                    f"{cfg.direct.cipher}, {cfg.direct.key_transport})")
@@ -112,20 +109,18 @@ def register(main, config_options, readable_errors, load, open_store, emit, fail
 
         from .direct import smime
         from .direct.trust import check_sender
-        from .engine.direct import DirectAgent, DirectUnavailable
-        from .store.outbox import Outbox
+        from .engine.direct import DirectAgent, DirectUnavailable, utc
 
         cfg = load(config, store, overrides)
         raw = Path(eml).read_bytes()
         # str(): a From with raw non-ASCII bytes comes back as an email.header.Header, which
         # parseaddr cannot take (TypeError); the address itself is ASCII either way.
         sender = parseaddr(str(BytesHeaderParser().parsebytes(raw).get("From", "")))[1]
-        with _scratch_store() as scratch:
-            agent = DirectAgent(cfg.direct, Outbox(scratch), local_root=cfg.local_root)
-            try:
-                agent.load()
-            except DirectUnavailable as exc:
-                fail(f"Direct is off: {exc}")
+        agent = DirectAgent(cfg.direct, None, local_root=cfg.local_root)
+        try:
+            agent.load()
+        except DirectUnavailable as exc:
+            fail(f"Direct is off: {exc}")
         try:
             opened = smime.decrypt(raw, agent.certificate, agent.key)
             click.echo(f"decrypted: {opened.cipher}, key transport {opened.key_transport}")
@@ -135,7 +130,7 @@ def register(main, config_options, readable_errors, load, open_store, emit, fail
             sys.exit(1)
         click.echo(f"signature: valid ({verified.digest}) by {verified.signer.subject.rfc4514_string()}")
         decision = check_sender(verified.signer, verified.certificates, sender, agent.anchors, agent.policy,
-                                _utc(time.time()))
+                                utc(time.time()))
         if decision.path:
             click.echo("path: " + " <- ".join(decision.path))
         bound = f", {decision.binding}-bound to {sender}" if decision.binding else ""
@@ -186,27 +181,6 @@ def register(main, config_options, readable_errors, load, open_store, emit, fail
         emit(rows, as_json, lambda r: (
             f"{r['at']} outbox={r['outbox_id'] or '-'} mail={r['mail_id'] or '-'} {r['event']:<16} "
             f"{r['state'] or '-':<15} {r['referral_id'] or '-'} {r['detail'] or ''}"))
-
-
-def _utc(now: float):
-    import datetime as dt
-    return dt.datetime.fromtimestamp(now, dt.timezone.utc)
-
-
-class _scratch_store:
-    """A throw-away in-memory-like store for commands that use the agent without the engine's store."""
-
-    def __enter__(self):
-        import tempfile
-
-        from .store import Store
-        self._dir = tempfile.TemporaryDirectory(prefix="hl7referral-")
-        self.store = Store.open(Path(self._dir.name) / "scratch.db")
-        return self.store
-
-    def __exit__(self, *exc) -> None:
-        self.store.close()
-        self._dir.cleanup()
 
 
 def pick_channel(cfg, channel_name, raw, fail):

@@ -7,10 +7,8 @@ loop on another thread, on an ephemeral port.
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import ssl as stdlib_ssl
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,6 @@ from hl7referral.engine.endpoints import tls_options as server_tls_options
 from hl7referral.engine.smtp_client import Relay, SendResult, send, wire_data
 from hl7referral.engine.smtp_server import InboundSMTPFactory, listen
 
-ROOT = Path(__file__).resolve().parents[1]
 FROM, TO = "referrals@direct.sender.test", "cardiology@direct.receiver.test"
 MESSAGE = (b"From: referrals@direct.sender.test\r\nTo: cardiology@direct.receiver.test\r\n"
            b"Message-ID: <ref-1@direct.sender.test>\r\nSubject: referral\r\n\r\n"
@@ -93,13 +90,9 @@ def smtpd():
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    spec = importlib.util.spec_from_file_location("make_certs_smtp_client", ROOT / "certs-example" / "make_certs.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up
-    spec.loader.exec_module(module)
+def pki(tmp_path_factory, make_certs) -> Path:
     out = tmp_path_factory.mktemp("smtp-pki")
-    module.build(out)
+    make_certs.build(out)
     return out
 
 

@@ -6,13 +6,11 @@ in it, and the tests look at what it was given.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import smtplib
 import socket
 import ssl as stdlib_ssl
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -23,7 +21,6 @@ from reactor_thread import call, running_reactor
 from hl7referral.engine.endpoints import tls_options
 from hl7referral.engine.smtp_server import InboundSMTPFactory, listen
 
-ROOT = Path(__file__).resolve().parents[1]
 DOMAIN = "direct.receiver.test"
 FROM, TO = "a@x.test", f"b@{DOMAIN}"
 SWAKS = shutil.which("swaks")
@@ -64,13 +61,9 @@ class Acceptor:
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    spec = importlib.util.spec_from_file_location("make_certs_smtp_server", ROOT / "certs-example" / "make_certs.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up
-    spec.loader.exec_module(module)
+def pki(tmp_path_factory, make_certs) -> Path:
     out = tmp_path_factory.mktemp("smtp-pki")
-    module.build(out)
+    make_certs.build(out)
     return out
 
 

@@ -48,6 +48,11 @@ class ChannelConfig:
     def line_of(self, key: str) -> int:
         return locate(self.text, key)
 
+    @property
+    def sends_order(self) -> bool:
+        """ONC 360X: an OMG^O19 referral travels as the v2 order beside the C-CDA in the XDM packet."""
+        return any(k.startswith("OMG^") for k in self.accept)
+
     def with_listener(self, listener: str) -> "ChannelConfig":
         return dataclasses.replace(self, listener=listener)
 

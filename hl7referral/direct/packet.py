@@ -47,6 +47,14 @@ class PacketContent:
     include_bare_cda: bool = True
 
 
+def patient_cx(referral) -> str:
+    """The XDS patient id (CX ``extension^^^&root&ISO``) of a mapped referral: its first identifier with a value."""
+    for ident in getattr(getattr(referral, "patient", None), "ids", None) or []:
+        if ident.extension:
+            return f"{ident.extension}^^^&{ident.root}&ISO" if ident.root else ident.extension
+    return ""
+
+
 def message_id_for(key: str, domain: str) -> str:
     """A stable Message-ID for an outbox idempotency key."""
     return f"<{uuid.uuid5(uuid.NAMESPACE_URL, 'hl7referral:' + key)}@{domain}>"

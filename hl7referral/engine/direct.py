@@ -39,10 +39,10 @@ from ..config.direct import DirectConfig
 from ..direct import mdn as mdnlib
 from ..direct import packet, smime, tracking
 from ..direct.discovery import CertificateFinder, DnsCertLookup, LocalCertStore
-from ..direct.trust import Anchors, TrustPolicy, check_sender, load_crls
+from ..direct.trust import Anchors, TrustError, TrustPolicy, check_sender, load_certificates, load_crls
 from ..direct.xdm import XdmError, read_xdm
 from ..store.outbox import Enqueued, Outbox
-from .ingest import iso_timestamp
+from .ingest import hl7_timestamp, iso_timestamp
 
 State, Event = tracking.State, tracking.Event
 REPORTING_UA = "hl7referral"
@@ -67,19 +67,15 @@ class Received:
     outbox_id: int | None = None
 
 
-def _utc(now: float) -> dt.datetime:
+def utc(now: float) -> dt.datetime:
+    """Seconds from the engine's clock as the aware datetime the trust checks take."""
     return dt.datetime.fromtimestamp(now, dt.timezone.utc)
-
-
-def _load_certs(path: Path) -> list[x509.Certificate]:
-    data = path.read_bytes()
-    return x509.load_pem_x509_certificates(data) if b"-----BEGIN" in data else [x509.load_der_x509_certificate(data)]
 
 
 class DirectAgent:
     log = Logger()
 
-    def __init__(self, config: DirectConfig, outbox: Outbox, *, local_root: str = "2.16.840.1.113883.19",
+    def __init__(self, config: DirectConfig, outbox: Outbox | None, *, local_root: str = "2.16.840.1.113883.19",
                  finder: CertificateFinder | None = None) -> None:
         self.config = config
         self.outbox = outbox
@@ -101,12 +97,12 @@ class DirectAgent:
             if p is None or not p.is_file():
                 raise DirectUnavailable(f"{what} {p or '(not set)'} not found")
         try:
-            self.certificate = _load_certs(c.certificate)[0]
+            self.certificate = load_certificates(c.certificate)[0]
             self.key = serialization.load_pem_private_key(c.key.read_bytes(), password=None)
-            self.chain = [cert for p in c.chain for cert in _load_certs(p)]
+            self.chain = [cert for p in c.chain for cert in load_certificates(p)]
             self.anchors = Anchors.load({d: list(files) for d, files in c.anchors.items()})
             self.policy = TrustPolicy(revocation=c.revocation, crls=load_crls([p for p in c.crls if p.is_file()]))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TrustError) as exc:
             raise DirectUnavailable(f"cannot load the Direct identity or trust: {exc}") from None
         if self.finder is None:
             sources: list = []
@@ -125,14 +121,14 @@ class DirectAgent:
         """Build the packet for *recipient* and put it in the outbox (or say why Direct cannot carry it)."""
         if not recipient:
             return Skipped("no Direct address for the destination")
-        found = self.finder.find(recipient, _utc(now))
+        found = self.finder.find(recipient, utc(now))
         if not found.usable:
             why = "; ".join(f"{subject}: {d.code}" for subject, d in found.rejected) or "none found"
             return Skipped(f"no usable certificate for {recipient} ({why})")
         attempt = self.outbox.attempts_for(referral_id, "direct") + 1
         key = f"{referral_id}/direct/{attempt}"
         message_id = packet.message_id_for(key, self.config.domain)
-        content = packet.PacketContent(referral_id=referral_id, cda=cda, created=created or _hl7(now),
+        content = packet.PacketContent(referral_id=referral_id, cda=cda, created=created or hl7_timestamp(now),
                                        patient_id=patient_id, order=order, source_oid=self.local_root,
                                        include_bare_cda=self.config.include_bare_cda)
         try:
@@ -210,15 +206,20 @@ class DirectAgent:
 
     def fallback(self, row: dict, now: float, why: str) -> None:
         """Queue the referral for the next transport (fax); the fax gateway's worker sends it."""
-        ref = row.get("referral_id") or ""
         fax = ""
         if row.get("document_id"):
             doc = self.outbox.store.get_document(row["document_id"])
             fax = json.loads(doc["destination"] or "{}").get("fax", "") if doc else ""
-        self.outbox.enqueue(key=f"{ref}/fax/{self.outbox.attempts_for(ref, 'fax') + 1}", referral_id=ref,
-                            document_id=row.get("document_id"), channel=row.get("channel") or "", transport="fax",
-                            kind="referral", sender="", recipient=fax, message_id="", payload=b"",
-                            at=iso_timestamp(now), now=now, detail=f"fallback: {why}")
+        self.enqueue_fax(referral_id=row.get("referral_id") or "", document_id=row.get("document_id"),
+                         channel=row.get("channel") or "", number=fax, now=now, detail=f"fallback: {why}")
+
+    def enqueue_fax(self, *, referral_id: str, document_id: int | None, channel: str, number: str, now: float,
+                    detail: str) -> Enqueued:
+        """A fax attempt for the referral in the outbox (the next attempt number, its own idempotency key)."""
+        key = f"{referral_id}/fax/{self.outbox.attempts_for(referral_id, 'fax') + 1}"
+        return self.outbox.enqueue(key=key, referral_id=referral_id, document_id=document_id, channel=channel,
+                                   transport="fax", kind="referral", sender="", recipient=number, message_id="",
+                                   payload=b"", at=iso_timestamp(now), now=now, detail=detail)
 
     # -- inbound --------------------------------------------------------------------------
 
@@ -234,7 +235,7 @@ class DirectAgent:
         except smime.SmimeError as exc:
             return self._reject(mail_id, at, from_address, exc.code, str(exc))
         decision = check_sender(verified.signer, verified.certificates, from_address, self.anchors, self.policy,
-                                _utc(now))
+                                utc(now))
         if not decision.ok:
             return self._reject(mail_id, at, from_address, decision.code, decision.reason)
         trust = f"{decision.code} ({decision.binding}-bound)"
@@ -311,7 +312,7 @@ class DirectAgent:
         to = parseaddr(original.get("From", ""))[1]
         original_id = original.get("Message-ID", "").strip()
         key = f"mdn/{original_id}/{disposition}"
-        found = self.finder.find(to, _utc(now))
+        found = self.finder.find(to, utc(now))
         if not found.usable:
             self.outbox.update_mail(mail_id, event="mdn-not-sent", at=iso_timestamp(now),
                                     detail=f"no usable certificate for {to}")
@@ -331,10 +332,6 @@ class DirectAgent:
         return self.outbox.enqueue(key=key, referral_id="", document_id=None, channel="", transport="direct",
                                    kind=f"mdn-{disposition}", sender=self.config.address, recipient=to,
                                    message_id=message_id, payload=eml, at=iso_timestamp(now), now=now)
-
-
-def _hl7(now: float) -> str:
-    return _utc(now).strftime("%Y%m%d%H%M%S+0000")
 
 
 def _attachments(content: bytes) -> list[tuple[str, bytes]]:

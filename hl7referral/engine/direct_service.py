@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from ..config import EngineConfig
+from ..direct import packet
 from ..store import Store
 from ..store.outbox import Outbox
 from . import smtp_client
@@ -48,7 +49,6 @@ class DirectService(Service):
         self.clock = clock or reactor
         self.outbox = Outbox(store)
         self.agent = DirectAgent(config.direct, self.outbox, local_root=config.local_root)
-        self.agent.channel_transports = {c.name: c.transports for c in config.channels}
         self.channels = {c.name: c for c in config.channels}
         self.send = send or smtp_client.send
         self.enabled = False
@@ -136,10 +136,10 @@ class DirectService(Service):
                 if not self.enabled:
                     reasons.append("Direct is off")
                     continue
-                order = raw if channel and any(k.startswith("OMG^") for k in channel.accept) else None
+                order = raw if channel and channel.sends_order else None
                 result = self.agent.enqueue_referral(
                     referral_id=referral_id, document_id=document_id, channel=channel_name, cda=cda, order=order,
-                    patient_id=_patient_cx(referral), recipient=getattr(destination, "direct", ""), now=now)
+                    patient_id=packet.patient_cx(referral), recipient=getattr(destination, "direct", ""), now=now)
                 if isinstance(result, Enqueued):
                     return "direct"
                 reasons.append(result.reason)
@@ -149,11 +149,9 @@ class DirectService(Service):
                 if not number:
                     reasons.append("no fax number for the destination")
                     continue
-                self.outbox.enqueue(key=f"{referral_id}/fax/{self.outbox.attempts_for(referral_id, 'fax') + 1}",
-                                    referral_id=referral_id, document_id=document_id, channel=channel_name,
-                                    transport="fax", kind="referral", sender="", recipient=number, message_id="",
-                                    payload=b"", at=at, now=now,
-                                    detail="; ".join(reasons) or "fax is the channel's first transport")
+                self.agent.enqueue_fax(referral_id=referral_id, document_id=document_id, channel=channel_name,
+                                       number=number, now=now,
+                                       detail="; ".join(reasons) or "fax is the channel's first transport")
                 return "fax"
         why = "; ".join(reasons) or f"channel {channel_name} has no transports"
         self.log.warn("ALERT referral {ref}: no transport can carry it: {why}", ref=referral_id, why=why)
@@ -208,7 +206,7 @@ class DirectService(Service):
     def _accept(self, mail_from: str, rcpt_to: list[str], data: bytes) -> Deferred:
         """The SMTP listener's callback: commit the mail; the 250 waits for this Deferred."""
         now = self.clock.seconds()
-        message_id = _header(data, b"message-id")
+        message_id = smtp_client.header_message_id(data)
         d = self._thread(self.outbox.save_mail, mail_from=mail_from, rcpt_to=list(rcpt_to), raw=data,
                          message_id=message_id, at=iso_timestamp(now))
 
@@ -232,20 +230,3 @@ class DirectService(Service):
             return
         self.log.info("inbound mail #{mid}: {kind} {status} {detail}", mid=mail["id"], kind=result.kind,
                       status=result.status, detail=result.detail)
-
-
-def _patient_cx(referral) -> str:
-    ids = getattr(getattr(referral, "patient", None), "ids", None) or []
-    for ident in ids:
-        if ident.extension:
-            return f"{ident.extension}^^^&{ident.root}&ISO" if ident.root else ident.extension
-    return ""
-
-
-def _header(data: bytes, name: bytes) -> str:
-    head = data.split(b"\r\n\r\n", 1)[0]
-    for line in head.split(b"\r\n"):
-        k, sep, v = line.partition(b":")
-        if sep and k.strip().lower() == name:
-            return v.strip().decode("ascii", "replace")
-    return ""
