@@ -101,3 +101,45 @@ def test_without_autocheckpoint_the_checkpointer_empties_the_wal(tmp_path):
     Checkpointer(tmp_path / "s.db").run("TRUNCATE")
     assert (tmp_path / "s.db-wal").stat().st_size == 0
     assert s.count() == 50
+
+
+def test_a_second_thread_with_its_own_store_never_breaks_the_writers_commits(tmp_path):
+    # The engine's transport thread reads and writes the outbox while the
+    # writer commits messages. Sharing one connection broke about a third of
+    # the commits ("cannot start a transaction within a transaction": the
+    # reads' SAVEPOINTs landed inside the writer's BEGIN); a store per thread
+    # must lose none.
+    import threading
+    import time
+
+    from hl7referral.store.outbox import Outbox
+
+    path = tmp_path / "engine.db"
+    writer = Store.open(path, autocheckpoint=False)
+    outbox = Outbox(Store.open(path, autocheckpoint=False))
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def transport() -> None:
+        while not stop.is_set():
+            try:
+                outbox.due(time.time())
+                outbox.unprocessed_mail()
+                outbox.audit(event="tick", at="2026-01-01T00:00:00Z", detail="")
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(repr(exc))
+
+    thread = threading.Thread(target=transport)
+    thread.start()
+    failed = []
+    try:
+        for i in range(400):
+            try:
+                writer.commit_batch([rec(f"C{i}", raw=b"MSH|%d" % i)])
+            except StoreError as exc:
+                failed.append(str(exc))
+    finally:
+        stop.set()
+        thread.join()
+    assert failed == [] and errors == []
+    assert writer.count(status=ACCEPTED) == 400

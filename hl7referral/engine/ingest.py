@@ -211,6 +211,8 @@ class Ingest:
 
     def _store_failed(self, failure, t: Triage, now: float) -> Reply:
         self.counts["store_failed"] += 1
+        self.log.error("store failed for {type} {cid}: {error}", type=t.header.type_and_event if t.header else "?",
+                       cid=t.header.control_id if t.header else "?", error=failure.getErrorMessage())
         if self.on_store_failure == "silent":
             return Reply(None, close=True)
         problem = Problem(207, "MSH", 0, "message not stored (store unavailable); send it again later")

@@ -59,7 +59,11 @@ class EngineService(MultiService):
                             after_mapping=after_mapping)
             factory = MLLPServerFactory(lc, ingest, reactor, tls=is_tls(lc.endpoint))
             self.listeners.append((lc, factory, server_endpoint(reactor, lc.endpoint, lc.base_dir)))
-        self.direct = DirectService(config, self.store, reactor)
+        # The transport thread gets its own connection: a shared one lets its
+        # reads (SAVEPOINTs in sqlite-utils) break the writer's transactions.
+        self.transport_store = Store.open(config.store_path, busy_timeout_ms=config.busy_timeout_ms,
+                                          autocheckpoint=False)
+        self.direct = DirectService(config, self.transport_store, reactor)
         self.direct.setServiceParent(self)
         if self.processor is not None:
             self.processor.on_ready = self.direct.dispatch
@@ -117,6 +121,7 @@ class EngineService(MultiService):
         except StoreError as exc:
             self.log.warn("final checkpoint: {error}", error=str(exc))
         self.checkpointer.close()
+        self.transport_store.close()
         self.store.close()
 
     def _checkpoint(self):

@@ -37,7 +37,12 @@ class Enqueued:
 
 
 class Outbox:
-    """Outbox, mail and transport events of one :class:`Store` (shares its connection and write lock)."""
+    """Outbox, mail and transport events of one :class:`Store`.
+
+    It uses that store's connection, so it belongs to the thread that owns the
+    store (see the store's invariants); the engine gives its transport thread a
+    store of its own.
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store

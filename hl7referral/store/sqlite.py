@@ -20,6 +20,13 @@ Invariants
   frames into the database inside a commit (which made some commits last
   many milliseconds); the engine runs a :class:`Checkpointer` on a second
   connection instead.
+* One connection, one thread. A :class:`Store` is used by a single thread at
+  a time: sqlite-utils wraps every read in a SAVEPOINT, so a read from a second
+  thread on the same connection opens, closes or breaks the first thread's
+  transaction ("cannot start a transaction within a transaction"). Each thread
+  that touches the database opens its own :class:`Store` on the same file;
+  WAL lets their readers run beside the one writer, ``busy_timeout`` queues
+  their writers.
 * No SQL outside this package.
 """
 
