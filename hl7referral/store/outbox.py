@@ -26,7 +26,8 @@ WAITING_FOR_MDN = ("SENT", "MDN_PROCESSED")
 
 _OUTBOX_LIST = ("id, created_at, idempotency_key, referral_id, document_id, channel, transport, kind, sender, "
                 "recipient, message_id, state, attempts, next_attempt_at, deadline, final_delivery, sent_at, "
-                "processed_at, dispatched_at, last_code, last_error, updated_at, length(payload) AS size")
+                "processed_at, dispatched_at, last_code, last_error, updated_at, gateway, job_id, "
+                "length(payload) AS size")
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,34 @@ class Outbox:
             f"AND state IN ('SENT','MDN_PROCESSED') AND transport IN ({marks}))", [*transports, *transports]).fetchone()
         return row[0] if row else None
 
-    def expired(self, now: float, transports: tuple[str, ...] = ("direct",)) -> list[dict]:
-        """Rows whose MDN deadline has passed."""
-        marks = ",".join("?" * len(transports))
+    def expired(self, now: float, transports: tuple[str, ...] = ("direct",),
+                states: tuple[str, ...] = WAITING_FOR_MDN) -> list[dict]:
+        """Rows in *states* whose deadline has passed (Direct: the MDN's; fax: the final status's)."""
+        marks, smarks = ",".join("?" * len(transports)), ",".join("?" * len(states))
         return [dict(r) for r in self.store.db.query(
-            f"SELECT * FROM outbox WHERE state IN ('SENT','MDN_PROCESSED') AND deadline IS NOT NULL AND deadline <= ? "
-            f"AND transport IN ({marks}) ORDER BY deadline, id", [now, *transports])]
+            f"SELECT * FROM outbox WHERE state IN ({smarks}) AND deadline IS NOT NULL AND deadline <= ? "
+            f"AND transport IN ({marks}) ORDER BY deadline, id", [*states, now, *transports])]
+
+    def polls_due(self, now: float, states: tuple[str, ...], transport: str = "fax", limit: int = 50) -> list[dict]:
+        """Rows in *states* whose next check (``next_attempt_at``) has come: fax jobs to ask the gateway about."""
+        smarks = ",".join("?" * len(states))
+        return [dict(r) for r in self.store.db.query(
+            f"SELECT * FROM outbox WHERE state IN ({smarks}) AND transport = ? AND next_attempt_at <= ? "
+            f"ORDER BY next_attempt_at, id LIMIT ?", [*states, transport, now, int(limit)])]
+
+    def reschedule(self, outbox_id: int, next_attempt_at: float) -> None:
+        """Move a row's next check; no state change, so no audit event."""
+        s = self.store
+        with s._lock, s._transaction():
+            self.conn.execute("UPDATE outbox SET next_attempt_at = ? WHERE id = ?", (next_attempt_at, outbox_id))
+
+    def by_job(self, gateway: str, job_id: str) -> dict | None:
+        rows = list(self.store.db.query("SELECT * FROM outbox WHERE gateway = ? AND job_id = ?", [gateway, job_id]))
+        return rows[0] if rows else None
+
+    def by_key(self, key: str) -> dict | None:
+        rows = list(self.store.db.query("SELECT * FROM outbox WHERE idempotency_key = ?", [key]))
+        return rows[0] if rows else None
 
     def update(self, outbox_id: int, *, event: str, at: str, detail: str = "", mail_id: int | None = None,
                **fields: Any) -> None:
@@ -114,8 +137,12 @@ class Outbox:
                                         [message_id]))
         return rows[0] if rows else None
 
-    def list(self, *, limit: int = 50, state: str | None = None, referral_id: str | None = None) -> list[dict]:
+    def list(self, *, limit: int = 50, state: str | None = None, referral_id: str | None = None,
+             transport: str | None = None) -> list[dict]:
         where, args = [], []
+        if transport:
+            where.append("transport = ?")
+            args.append(transport)
         if state:
             where.append("state = ?")
             args.append(state)
@@ -129,6 +156,32 @@ class Outbox:
     def attempts_for(self, referral_id: str, transport: str) -> int:
         return self.conn.execute("SELECT count(*) FROM outbox WHERE referral_id = ? AND transport = ?",
                                  (referral_id, transport)).fetchone()[0]
+
+    # -- fax status callbacks ---------------------------------------------------------
+
+    def save_callback(self, *, channel: str, gateway: str, body: bytes, at: str) -> int:
+        """Keep a status callback exactly as received (before the HTTP answer); applied later."""
+        s = self.store
+        with s._lock, s._transaction():
+            return self.conn.execute(
+                "INSERT INTO fax_callbacks (received_at, channel, gateway, body) VALUES (?,?,?,?)",
+                (at, channel, gateway, body)).lastrowid
+
+    def update_callback(self, callback_id: int, **fields: Any) -> None:
+        s = self.store
+        with s._lock, s._transaction():
+            sets = ", ".join(f"{k} = ?" for k in fields)
+            self.conn.execute(f"UPDATE fax_callbacks SET {sets} WHERE id = ?", [*fields.values(), callback_id])
+
+    def pending_callbacks(self, limit: int = 200) -> list[dict]:
+        """Callbacks not yet applied (oldest first): new ones, and ones whose job was not known yet."""
+        return [dict(r) for r in self.store.db.query(
+            "SELECT * FROM fax_callbacks WHERE applied_at IS NULL ORDER BY id LIMIT ?", [int(limit)])]
+
+    def list_callbacks(self, *, limit: int = 50) -> list[dict]:
+        return [dict(r) for r in self.store.db.query(
+            "SELECT id, received_at, channel, gateway, job_id, key, status, detail, outbox_id, applied_at, result, "
+            "length(body) AS size FROM fax_callbacks ORDER BY id DESC LIMIT ?", [int(limit)])]
 
     # -- inbound mail -----------------------------------------------------------------
 

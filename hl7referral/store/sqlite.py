@@ -164,6 +164,25 @@ def _v3_outbox_and_mail(db: sqlite_utils.Database) -> None:
     db["transport_events"].create_index(["outbox_id"], index_name="transport_events_outbox")
 
 
+@_migration
+def _v4_fax(db: sqlite_utils.Database) -> None:
+    # A fax attempt is an outbox row too (transport "fax"): the gateway that took it and the
+    # gateway's job id. One job id belongs to one attempt: a gateway that answers a new fax
+    # with a job id it already gave another is caught here instead of merging two referrals.
+    db["outbox"].add_column("gateway", str)
+    db["outbox"].add_column("job_id", str)
+    db["outbox"].add_column("find_first", int)   # the last submit's outcome is unknown: look before resending
+    db.execute("CREATE UNIQUE INDEX outbox_job ON outbox (gateway, job_id) WHERE job_id IS NOT NULL")
+    # Status callbacks are kept as received before the HTTP 200, then applied; one that
+    # overtakes the submit answer (its job id not yet recorded) waits here until it matches.
+    db["fax_callbacks"].create(
+        {"id": int, "received_at": str, "channel": str, "gateway": str, "job_id": str, "key": str,
+         "status": str, "detail": str, "body": bytes, "outbox_id": int, "applied_at": str, "result": str},
+        pk="id", not_null={"received_at", "body"},
+    )
+    db["fax_callbacks"].create_index(["applied_at"], index_name="fax_callbacks_pending")
+
+
 _INSERT = (
     "INSERT OR IGNORE INTO messages (received_at, listener, peer, channel, status, "
     "sending_application, sending_facility, message_type, control_id, referral_id, charset, "
