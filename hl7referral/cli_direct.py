@@ -20,15 +20,17 @@ def register(main, config_options, readable_errors, load, open_store, emit, fail
     @config_options
     @click.option("--channel", "channel_name", help="Channel to use (default: by message type).")
     @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-                  help="Directory for referral-note.xml, referral.zip (XDM) and message.eml.")
+                  help="Directory for referral-note.xml, referral.zip (XDM), message.eml and, for fax "
+                       "channels, referral-fax.pdf.")
     @click.argument("message", type=click.Path(exists=True, dir_okay=False))
     @readable_errors
     def packet_command(config, store, overrides, channel_name, out_dir, message) -> None:
-        """Write what would be sent for MESSAGE, without sending: the C-CDA, the XDM zip, the Direct .eml.
+        """Write what would be sent for MESSAGE, without sending: the C-CDA, the XDM zip, the Direct .eml
+        and, when the channel lists fax among its transports, the fax PDF (cover sheet and note).
 
         Exit status 1 when the referral cannot go by Direct (no destination address,
-        no usable recipient certificate, invalid document); the files that could be
-        made are still written.
+        no usable recipient certificate, invalid document) or its fax cannot be
+        rendered; the files that could be made are still written.
         """
         from .cda.pipeline import Pipeline
         from .direct import packet as packetlib
@@ -66,6 +68,8 @@ def register(main, config_options, readable_errors, load, open_store, emit, fail
         sender = cfg.direct.address or "sender@invalid"
         (out / "referral.zip").write_bytes(packetlib.build_xdm_for(content, sender, recipient or "unknown@invalid"))
         click.echo(f"{out / 'referral.zip'}: IHE XDM" + (" (C-CDA + v2 order)" if order else " (C-CDA)"))
+        if "fax" in channel.transports:
+            ok = write_fax_pdf(cfg, result, out / "referral-fax.pdf", now) and ok
         if not recipient:
             click.echo("no Direct address for the destination: the Direct send would not be attempted")
             sys.exit(1)
@@ -138,21 +142,12 @@ def register(main, config_options, readable_errors, load, open_store, emit, fail
                    f"trust: {decision.code}{bound}")
         sys.exit(0 if decision.ok else 1)
 
-    @direct.command("outbox")
-    @config_options
-    @click.option("--state", help="Only rows in this state (QUEUED, SENT, MDN_PROCESSED, FAILED, TIMED_OUT...).")
-    @click.option("--referral", "referral_id", help="Only this referral's rows.")
-    @click.option("--limit", default=50, show_default=True, type=int)
-    @click.option("--json", "as_json", is_flag=True)
-    @readable_errors
-    def direct_outbox(config, store, overrides, state, referral_id, limit, as_json) -> None:
-        """Outbound packets and MDNs: id, state, transport, kind, recipient, attempts, last error."""
-        from .store.outbox import Outbox
-        rows = Outbox(open_store(config, store, overrides)).list(limit=limit, state=state, referral_id=referral_id)
-        emit(rows, as_json, lambda r: (
-            f"{r['id']:>5} {r['state']:<15} {r['transport']:<6} {r['kind']:<14} {r['referral_id'] or '-':<22} "
-            f"to={r['recipient'] or '-'} attempts={r['attempts']}"
-            + (f" last={r['last_code'] or ''} {r['last_error']}" if r["last_error"] else "")))
+    outbox_command(direct, "Outbound packets and MDNs: id, state, transport, kind, recipient, attempts, last error.",
+                   "Only rows in this state (QUEUED, SENT, MDN_PROCESSED, FAILED, TIMED_OUT...).", None,
+                   lambda r: (f"{r['id']:>5} {r['state']:<15} {r['transport']:<6} {r['kind']:<14} "
+                              f"{r['referral_id'] or '-':<22} to={r['recipient'] or '-'} attempts={r['attempts']}"
+                              + (f" last={r['last_code'] or ''} {r['last_error']}" if r["last_error"] else "")),
+                   config_options, readable_errors, open_store, emit)
 
     @direct.command("mail")
     @config_options
@@ -183,6 +178,23 @@ def register(main, config_options, readable_errors, load, open_store, emit, fail
             f"{r['state'] or '-':<15} {r['referral_id'] or '-'} {r['detail'] or ''}"))
 
 
+def outbox_command(group, doc: str, state_help: str, transport: str | None, line, config_options, readable_errors,
+                   open_store, emit) -> None:
+    """``GROUP outbox``: outbox rows (of one transport, or all), one line each or --json."""
+    @group.command("outbox", help=doc)
+    @config_options
+    @click.option("--state", help=state_help)
+    @click.option("--referral", "referral_id", help="Only this referral's rows.")
+    @click.option("--limit", default=50, show_default=True, type=int)
+    @click.option("--json", "as_json", is_flag=True)
+    @readable_errors
+    def outbox(config, store, overrides, state, referral_id, limit, as_json) -> None:
+        from .store.outbox import Outbox
+        rows = Outbox(open_store(config, store, overrides)).list(limit=limit, state=state, referral_id=referral_id,
+                                                                 transport=transport)
+        emit(rows, as_json, line)
+
+
 def pick_channel(cfg, channel_name, raw, fail):
     if channel_name:
         channel = next((c for c in cfg.channels if c.name == channel_name), None)
@@ -198,3 +210,24 @@ def pick_channel(cfg, channel_name, raw, fail):
     if channel is None or not channel.mapping:
         fail(f"no channel with a mapping takes {header.type_and_event}; name one with --channel")
     return channel
+
+
+def write_fax_pdf(cfg, result, path: Path, now: float) -> bool:
+    """The fax a fax channel would send for this referral (cover sheet + the note), as *path*."""
+    from .engine.ingest import iso_timestamp
+    from .fax import render
+
+    dest = result.destination
+    cover = render.Cover(to_name=getattr(dest, "name", "") or "", to_fax=getattr(dest, "fax", "") or "",
+                         from_name=cfg.fax.from_name, from_fax=cfg.fax.from_fax, callback=cfg.fax.callback,
+                         referral_id=result.referral_id or "", sent_at=iso_timestamp(now)[:16].replace("T", " "),
+                         **({"notice": cfg.fax.notice} if cfg.fax.notice else {}))
+    try:
+        pdf = render.render_pdf(result.document, cover, fonts=render.find_fonts([str(d) for d in cfg.fax.font_dirs]))
+    except render.RenderError as exc:
+        click.echo(f"hl7referral: the fax cannot be rendered: {exc}", err=True)
+        return False
+    path.write_bytes(pdf)
+    to = f" to {cover.to_fax}" if cover.to_fax else " (no fax number for the destination)"
+    click.echo(f"{path}: fax PDF{to}, {len(pdf)} bytes")
+    return True

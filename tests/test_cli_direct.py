@@ -93,11 +93,15 @@ def content(ref_packet, pki) -> bytes:
 
 # --- packet ------------------------------------------------------------------------------------
 
-def test_packet_writes_the_three_files(ref_packet):
+def test_packet_writes_the_four_files(ref_packet):
     done, out = ref_packet
     no_traceback(done)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["message.eml", "referral-note.xml", "referral.zip"]
+    # ref-i12's transports are direct, fax: the fax PDF is written too.
+    assert sorted(p.name for p in out.iterdir()) == ["message.eml", "referral-fax.pdf", "referral-note.xml",
+                                                     "referral.zip"]
+    assert (out / "referral-fax.pdf").read_bytes().startswith(b"%PDF")
+    assert "referral-fax.pdf: fax PDF to +1-555-555-0190" in done.stdout
     assert f"Direct message to {RECEIVER}" in done.stdout
     assert (out / "referral-note.xml").read_bytes().lstrip().startswith(b"<?xml")
     with zipfile.ZipFile(out / "referral.zip") as z:
@@ -142,7 +146,9 @@ def test_packet_without_certificate_for_the_destination(pki, tmp_path):
     assert len(reasons) == 1
     assert "referrals@neuro.example.org" in reasons[0]
     assert reasons[0].endswith("would not be attempted")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["referral-note.xml", "referral.zip"]
+    # What would go instead: the fax (omg-o19 lists direct, fax).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["referral-fax.pdf", "referral-note.xml", "referral.zip"]
+    assert "referral-fax.pdf: fax PDF to +1-555-555-0192" in done.stdout
     order = read_messages(SAMPLES / "omg-o19.hl7")[0]
     with zipfile.ZipFile(tmp_path / "referral.zip") as z:
         assert z.read("IHE_XDM/SUBSET01/DOC0001.XML") == (tmp_path / "referral-note.xml").read_bytes()

@@ -1,9 +1,10 @@
 """``channels/*.toml``: one channel a file.
 
 A channel says what a listener accepts (message types, optionally only from
-some sending facilities) and how it is acknowledged. Later issues add the
-mapping, the destination and the transports; unknown keys are refused until
-then, so a channel file never claims more than the engine does.
+some sending facilities) and how it is acknowledged. It also names the
+mapping, the destination, the transports and the channel's own fax gateway
+(``[fax]``, checked by its plugin); unknown keys are refused, so a channel file
+never claims more than the engine does.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ CHANNEL_SCHEMA = {
     "source": {"listener": str, "accept": [str], "sending_facilities": [str]},
     "ack": {"mode": ("after-store", "after-mapping")},
     "destination": {"by": ("named", "specialty", "npi"), "name": str, "specialty": str},
+    "fax": dict,   # the channel's own fax gateway table (gateway = "http-fax", ...); its plugin checks the keys
 }
 _KIND = re.compile(r"^[A-Z][A-Z0-9]{2}\^[A-Z0-9]{3}$")
 
@@ -43,6 +45,7 @@ class ChannelConfig:
     destination_by: str = ""
     destination_name: str = ""
     destination_specialty: str = ""
+    fax: dict = dataclasses.field(default_factory=dict, compare=False)
     text: str = dataclasses.field(default="", repr=False, compare=False)
 
     def line_of(self, key: str) -> int:
@@ -98,6 +101,7 @@ def load_channel(path: Path) -> ChannelConfig:
         mapping=data.get("mapping"), transports=tuple(data.get("transports", ())),
         destination_by=by, destination_name=dest.get("name", ""),
         destination_specialty=dest.get("specialty", ""),
+        fax=dict(data.get("fax", {})),
     )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from .channels import ChannelConfig, check_routes, load_channels
 from .direct import DIRECT_SCHEMA, DirectConfig, load_direct
+from .fax import FAX_SCHEMA, FaxConfig, gateway_table, load_fax
 from .directory import Directory, load_directory
 from .schema import ConfigError, toml_error_line, validate
 
@@ -52,6 +53,7 @@ ENGINE_SCHEMA = {
     "cda": {"local_root": str},
     "listeners": [LISTENER_SCHEMA],
     "direct": DIRECT_SCHEMA,
+    "fax": FAX_SCHEMA,
 }
 
 
@@ -90,6 +92,7 @@ class EngineConfig:
     schematron_cache: Path | None = None
     local_root: str = "2.16.840.1.113883.19"
     direct: DirectConfig = field(default_factory=DirectConfig)
+    fax: FaxConfig = field(default_factory=FaxConfig)
 
     def channels_for(self, listener: str) -> list[ChannelConfig]:
         return [c for c in self.channels if c.listener == listener]
@@ -208,8 +211,10 @@ def load_engine(
     local_root = {**defaults["cda"], **data.get("cda", {})}["local_root"]
     if not re.fullmatch(r"[0-2](\.(0|[1-9]\d*))+", local_root):
         raise ConfigError(source, 0, "cda.local_root", f"{local_root!r} is not an OID")
+    fax = load_fax(data.get("fax", {}), defaults.get("fax", {}), source, "" if overrides else text,
+                   lambda value: _resolve(base, value))
     for ch in channels:
-        _check_channel(ch, mappings, directory)
+        _check_channel(ch, mappings, directory, fax)
     known = {lc.name for lc in listeners}
     # With --listen, every channel goes to the (renamed) first listener.
     for ch in channels:
@@ -236,10 +241,16 @@ def load_engine(
         local_root=local_root,
         direct=load_direct(data.get("direct", {}), defaults.get("direct", {}), source,
                            lambda value: _resolve(base, value)),
+        fax=fax,
     )
 
 
-def _check_channel(ch: ChannelConfig, mappings: dict, directory: Directory) -> None:
+def _check_channel(ch: ChannelConfig, mappings: dict, directory: Directory, fax: FaxConfig) -> None:
+    if ch.fax:
+        gateway_table(ch.fax, source=ch.file, text=ch.text, prefix="fax")
+    elif "fax" in ch.transports and not fax.gateway:
+        raise ConfigError(ch.file, ch.line_of("transports"), "transports",
+                          "fax needs a gateway: a [fax] table here or [fax.gateway] in the engine configuration")
     if ch.mapping:
         m = mappings.get(ch.mapping)
         if m is None:

@@ -60,6 +60,7 @@ class DirectService(Service):
         self.ready: Deferred = Deferred()
         self._ticking = False
         self._sending: set[int] = set()
+        self.on_fax = None  # called (reactor thread) after a referral was queued for fax: the fax worker's tick
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -123,7 +124,13 @@ class DirectService(Service):
     def dispatch(self, *, document_id: int, channel: str, referral_id: str, cda: bytes, raw: bytes,
                  destination, referral) -> Deferred:
         """A ready Referral Note: hand it to the channel's transports, in order (runs on the Direct thread)."""
-        return self._thread(self._dispatch, document_id, channel, referral_id, cda, raw, destination, referral)
+        d = self._thread(self._dispatch, document_id, channel, referral_id, cda, raw, destination, referral)
+
+        def queued(transport):
+            if transport == "fax" and self.on_fax is not None:
+                self.on_fax()
+            return transport
+        return d.addCallback(queued)
 
     def _dispatch(self, document_id, channel_name, referral_id, cda, raw, destination, referral) -> str:
         now = self.clock.seconds()
@@ -135,6 +142,8 @@ class DirectService(Service):
             if transport == "direct":
                 if not self.enabled:
                     reasons.append("Direct is off")
+                    self.outbox.audit(event="direct-skipped", at=at, detail="Direct is off (see the log at start)",
+                                      referral_id=referral_id)
                     continue
                 order = raw if channel and channel.sends_order else None
                 result = self.agent.enqueue_referral(

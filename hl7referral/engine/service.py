@@ -23,6 +23,7 @@ from .endpoints import describe_port, is_tls, server_endpoint
 from .ingest import Ingest, policy_for
 from .mllp import MLLPServerFactory
 from .direct_service import DirectService
+from .fax_service import FaxService
 from .processor import Processor
 
 
@@ -65,6 +66,12 @@ class EngineService(MultiService):
                                           autocheckpoint=False)
         self.direct = DirectService(config, self.transport_store, reactor)
         self.direct.setServiceParent(self)
+        # Fax has its own thread and connection too: a gateway that takes 30 s to answer
+        # must not hold up Direct sends or MDNs.
+        self.fax_store = Store.open(config.store_path, busy_timeout_ms=config.busy_timeout_ms, autocheckpoint=False)
+        self.fax = FaxService(config, self.fax_store, reactor)
+        self.fax.setServiceParent(self)
+        self.direct.on_fax = self.fax.tick
         if self.processor is not None:
             self.processor.on_ready = self.direct.dispatch
         self.ports: list = []
@@ -77,6 +84,8 @@ class EngineService(MultiService):
             self.processor.start()
         self._checkpoints.start(CHECKPOINT_INTERVAL, now=False)
         attempts = []
+        if self.config.fax.callback_endpoint:
+            attempts.append(self.fax.listen_callbacks().addErrback(self._fax_listen_failed))
         for lc, factory, endpoint in self.listeners:
             d = endpoint.listen(factory)
             d.addErrback(self._listen_failed, lc)
@@ -90,8 +99,14 @@ class EngineService(MultiService):
             raise ListenError(f"cannot listen on {lc.endpoint}: {getattr(reason, 'strerror', reason)}")
         raise ListenError(f"cannot listen on {lc.endpoint}: {failure.getErrorMessage()}")
 
+    def _fax_listen_failed(self, failure):
+        raise ListenError(f"cannot listen on {self.config.fax.callback_endpoint} (fax.callbacks.endpoint): "
+                          f"{failure.getErrorMessage()}")
+
     def _listening(self, results) -> None:
         bound = []
+        if self.config.fax.callback_endpoint:
+            results = results[1:]
         for (lc, factory, _), (_, port) in zip(self.listeners, results):
             self.ports.append(port)
             bound.append((lc, describe_port(port)))
@@ -122,6 +137,7 @@ class EngineService(MultiService):
             self.log.warn("final checkpoint: {error}", error=str(exc))
         self.checkpointer.close()
         self.transport_store.close()
+        self.fax_store.close()
         self.store.close()
 
     def _checkpoint(self):
