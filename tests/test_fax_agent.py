@@ -117,7 +117,7 @@ def test_a_queued_fax_goes_once_as_a_pdf_and_callbacks_settle_it(outbox, api, re
     results = [c["result"] for c in reversed(outbox.list_callbacks())]
     assert results == ["applied", "applied", "stale", "stale"]
     events = [e["event"] for e in outbox.events(outbox_id=row["id"])]
-    assert events == ["queued", "rendered", "submitted", "status-sending", "status-delivered",
+    assert events == ["queued", "rendered", "submitting", "submitted", "status-sending", "status-delivered",
                       "status-stale", "status-stale"]
     agent.tick(T0 + 10_000)
     assert len(api.faxes) == 1 and alerts(outbox) == []
@@ -138,6 +138,31 @@ def test_a_submit_that_times_out_is_looked_up_before_it_is_sent_again(outbox, ap
     assert got["state"] == "SUBMITTED" and got["job_id"] == api.faxes[0].job_id
     assert len(api.faxes) == 1
     assert "found the job of an earlier try" in outbox.events(outbox_id=row["id"])[-1]["detail"]
+
+
+def test_a_crash_between_the_gateways_answer_and_our_commit_sends_no_second_fax(outbox, api, referral, monkeypatch):
+    api.forget_idempotency = True      # the worst case: only the lookup by key can tell
+    agent = make_agent(outbox, api, monkeypatch, find_url=api.find_url)
+    row = queue_fax(outbox, referral)
+
+    class Died(BaseException):
+        pass
+
+    real_submit = agent.routes[""].gateway.submit
+
+    def submit_then_die(job):
+        real_submit(job)               # the gateway has the fax ...
+        raise Died()                   # ... and the engine dies before it records the job id
+    monkeypatch.setattr(agent.routes[""].gateway, "submit", submit_then_die)
+    with pytest.raises(Died):
+        agent.tick(T0)
+    assert outbox.get(row["id"])["state"] == "QUEUED" and len(api.faxes) == 1
+
+    restarted = make_agent(outbox, api, monkeypatch, find_url=api.find_url)
+    restarted.tick(T0 + 1)
+    got = outbox.get(row["id"])
+    assert got["state"] == "SUBMITTED" and got["job_id"] == api.faxes[0].job_id
+    assert len(api.faxes) == 1
 
 
 def test_an_idempotent_api_answers_the_resubmit_with_the_same_job(outbox, api, referral, monkeypatch):

@@ -8,8 +8,10 @@ Invariants
 ----------
 * One attempt (one idempotency key, ``referral/fax/N``) is at most one fax: its PDF is
   rendered once and stored in the row before the first submit, every retry submits those
-  bytes with the same key, and after a submit whose outcome is unknown the next try asks
-  the gateway for a job with that key (``find``) before it submits again.
+  bytes with the same key, and the row is marked ``find_first`` (committed) before each
+  submit and cleared only when the job id is recorded; so after an unknown outcome, or a
+  crash between the gateway's answer and our commit, the next try asks the gateway for a
+  job with that key (``find``) before it submits again.
 * A job id belongs to one attempt. A gateway that answers with a job id another attempt
   already holds gets no state change on either: the new attempt FAILS with an alert that
   says so (two referrals must not share one fax's fate).
@@ -108,6 +110,10 @@ class FaxAgent:
             job_id = route.gateway.find(row["idempotency_key"]) if row.get("find_first") else None
             if job_id:
                 return self._submitted(row, route, job_id, None, now, attempts, "found the job of an earlier try")
+            # From here the gateway may hold a job we have not recorded (a crash before the
+            # answer is stored): say so first, so the next try, after a restart too, looks first.
+            self.outbox.update(row["id"], event="submitting", at=iso_timestamp(now),
+                               detail=f"attempt {attempts} to {route.name}", find_first=1, gateway=route.name)
             submitted = route.gateway.submit(FaxJob(key=row["idempotency_key"], number=row["recipient"], pdf=pdf,
                                                     referral_id=row["referral_id"] or "",
                                                     callback_url=self._callback_url(route, row.get("channel"))))
@@ -148,7 +154,7 @@ class FaxAgent:
         event = Event.SUBMIT_UNKNOWN if exc.outcome == "unknown" else Event.SUBMIT_RETRY
         return self._move(row, event, now, f"{detail}; retry in {delay:.0f} s", attempts=attempts,
                           next_attempt_at=now + delay, last_error=str(exc),
-                          find_first=int(exc.outcome == "unknown" or bool(row.get("find_first"))))
+                          find_first=int(exc.outcome == "unknown"))  # "retry": nothing was created
 
     # -- rendering -------------------------------------------------------------------------
 
