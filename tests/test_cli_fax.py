@@ -60,7 +60,7 @@ def test_fax_outbox_and_status(sent):
     done = run("fax", "outbox", "--store", str(store))
     no_traceback(done)
     job = api.faxes[0].job_id
-    assert done.returncode == 0 and "SUBMITTED" in done.stdout and f"job=http-fax:{job}" in done.stdout
+    assert done.returncode == 0 and "SUBMITTED" in done.stdout and f"job=http-fax@default:{job}" in done.stdout
     [row] = json.loads(run("fax", "outbox", "--store", str(store), "--json").stdout)
     assert row["referral_id"] == "SAMPLEREF0001" and row["transport"] == "fax"
 

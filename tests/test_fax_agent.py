@@ -105,7 +105,7 @@ def test_a_queued_fax_goes_once_as_a_pdf_and_callbacks_settle_it(outbox, api, re
     assert fax.pdf.startswith(b"%PDF") and fax.number == "+15555550190"
     assert fax.reference == "SAMPLEREF0001/fax/1" and fax.callback_url.endswith("/fax/callback/ref-i12")
     got = outbox.get(row["id"])
-    assert (got["state"], got["job_id"], got["gateway"]) == ("SUBMITTED", fax.job_id, "http-fax")
+    assert (got["state"], got["job_id"], got["gateway"]) == ("SUBMITTED", fax.job_id, "http-fax@default")
     assert got["payload"] == fax.pdf  # rendered once, kept: a retry sends these bytes
 
     # Duplicated and out-of-order callbacks: sending, delivered, sending again, delivered again.
@@ -286,12 +286,12 @@ def test_no_gateway_or_no_number_fails_with_an_alert(outbox, api, referral, monk
     assert state(outbox, row["id"]) == "FAILED" and api.faxes == []
 
 
-def test_direct_that_cannot_start_or_gets_no_mdn_in_time_goes_by_fax(direct_pki, outbox, api, referral,
+def test_direct_that_cannot_start_or_gets_no_mdn_in_time_goes_by_fax(tmp_path, direct_pki, outbox, api, referral,
                                                                      monkeypatch):
     """Direct → fax fallback on "no certificate" and on "no MDN in time", on a test clock."""
     from twisted.internet.task import Clock
 
-    from hl7referral.engine.direct import Enqueued, Skipped
+    from hl7referral.engine.direct import Enqueued
     from hl7referral.engine.smtp_client import SendResult
 
     clock = Clock()
@@ -305,10 +305,25 @@ def test_direct_that_cannot_start_or_gets_no_mdn_in_time_goes_by_fax(direct_pki,
     _, result = referral
 
     # No certificate for the address: Direct does not start; the channel's next transport is fax.
-    skipped = direct.enqueue_referral(referral_id="REF-NOCERT", document_id=None, channel="ref-i12",
-                                      cda=result.document, order=None, patient_id="MRN1^^^&2.16.840.1.113883.19.5&ISO",
-                                      recipient="nobody@no-cert.example.org", now=clock.seconds())
-    assert isinstance(skipped, Skipped) and "no usable certificate" in skipped.reason
+    from hl7referral.engine.direct_service import DirectService
+    empty = tmp_path / "no-certificates"
+    empty.mkdir()
+    cfg = load_engine(None, overrides=[f'direct.certificate="{direct_pki / "sender.pem"}"',
+                                       f'direct.key="{direct_pki / "sender.key"}"',
+                                       f'direct.certificates_dir="{empty}"'])
+    service = DirectService(cfg, outbox.store, clock, clock=clock)   # not started: _dispatch runs here
+    service.agent.load()
+    service.enabled = True
+    doc = store_note(outbox, referral, "SAMPLEREF0001")
+    raw, result = referral
+    assert service._dispatch(doc, "ref-i12", "SAMPLEREF0001", result.document, raw, result.destination,
+                             result.referral) == "fax"
+    [nocert] = outbox.list(referral_id="SAMPLEREF0001", transport="fax")
+    assert "no usable certificate for cardiology@direct.receiver.test" in \
+        outbox.events(outbox_id=nocert["id"])[0]["detail"]
+    fax.tick(clock.seconds())
+    assert state(outbox, nocert["id"]) == "SUBMITTED"
+    assert [f.reference for f in api.faxes] == ["SAMPLEREF0001/fax/1"]
 
     # Sent, but no MDN within processed_timeout: TIMED_OUT, and a fax attempt is queued.
     doc = store_note(outbox, referral, "REF-NOMDN")           # the stored note the fallback renders
@@ -326,7 +341,7 @@ def test_direct_that_cannot_start_or_gets_no_mdn_in_time_goes_by_fax(direct_pki,
     assert "fallback: Direct TIMED_OUT" in outbox.events(outbox_id=fallback[0]["id"])[0]["detail"]
     fax.tick(clock.seconds())
     assert state(outbox, fallback[0]["id"]) == "SUBMITTED"
-    assert [f.reference for f in api.faxes] == ["REF-NOMDN/fax/1"]
+    assert [f.reference for f in api.faxes][-1] == "REF-NOMDN/fax/1" and len(api.faxes) == 2
 
 
 hylafax = hylafax_server.hylafax   # a private HylaFAX (faxq + hfaxd) on loopback, for this module
@@ -338,7 +353,7 @@ def test_a_real_hylafax_takes_the_referral_and_the_agent_reads_back_its_queued_s
     row = queue_fax(outbox, referral)
     agent.tick(T0)
     got = outbox.get(row["id"])
-    assert got["state"] == "SUBMITTED" and got["gateway"] == "hylafax" and got["job_id"].isdigit()
+    assert got["state"] == "SUBMITTED" and got["gateway"] == "hylafax@default" and got["job_id"].isdigit()
     queue_file = (hylafax.spool / "sendq" / f"q{got['job_id']}").read_text(errors="replace")
     assert "jobtag:SAMPLEREF0001/fax/1" in queue_file and "15555550190" in queue_file
     agent.tick(T0 + 30)                 # the poll: hfaxd says the job waits (no modem here)
@@ -350,3 +365,61 @@ def test_a_real_hylafax_takes_the_referral_and_the_agent_reads_back_its_queued_s
     agent.tick(T0 + 60)
     assert outbox.get(row["id"])["state"] == "FAILED"     # "Job aborted by request", with an alert
     assert "aborted" in alerts(outbox)[0]["text"].lower()
+
+
+def test_a_lookup_that_fails_after_an_unknown_submit_keeps_looking(outbox, api, referral, monkeypatch):
+    api.forget_idempotency = True
+    agent = make_agent(outbox, api, monkeypatch, find_url=api.find_url, timeout=0.5)
+    row = queue_fax(outbox, referral)
+    api.delay_next_post(1.5)
+    agent.tick(T0)                                   # unknown: the API made the fax
+    api.force(503, method="GET")                     # ... and cannot be asked just now
+    agent.tick(T0 + 60)
+    got = outbox.get(row["id"])
+    assert got["state"] == "RETRY_WAIT" and got["find_first"] == 1
+    agent.tick(T0 + 180)
+    assert outbox.get(row["id"])["job_id"] == api.faxes[0].job_id
+    assert len(api.faxes) == 1
+
+
+def test_job_ids_are_per_route_and_an_old_finished_attempt_does_not_block_a_reused_id(outbox, referral, monkeypatch):
+    monkeypatch.setenv("TEST_FAX_TOKEN", "Bearer test-token")
+    with FaxApiServer() as one, FaxApiServer() as two:      # two providers: both number from fax-0001
+        gateways = {"": load_gateway("http-fax", settings(one)), "vet": load_gateway("http-fax", settings(two))}
+        agent = FaxAgent(FaxConfig(), outbox, {}, gateways=gateways)
+        a = queue_fax(outbox, referral, "REF-A")
+        b = queue_fax(outbox, referral, "REF-B")
+        outbox.update(b["id"], event="test", at="t", channel="vet")
+        agent.tick(T0)
+        rows = [outbox.get(a["id"]), outbox.get(b["id"])]
+        assert [r["state"] for r in rows] == ["SUBMITTED", "SUBMITTED"]
+        assert rows[0]["job_id"] == rows[1]["job_id"] and rows[0]["gateway"] != rows[1]["gateway"]
+
+        # A rebuilt HylaFAX spool numbers from 1 again: a finished attempt's id may come back.
+        body, headers = one.callback_request(rows[0]["job_id"], "success", key="REF-A/fax/1")
+        agent.store_callback("ref-i12", body, {k.lower(): v for k, v in headers.items()}, T0 + 1)
+        agent.tick(T0 + 1)
+        assert state(outbox, a["id"]) == "DELIVERED"
+        c = queue_fax(outbox, referral, "REF-C")
+        one.reuse_job_id(rows[0]["job_id"])
+        agent.tick(T0 + 2)
+        assert state(outbox, c["id"]) == "SUBMITTED" and alerts(outbox) == []
+
+
+def test_a_channel_without_fax_after_direct_gets_no_fax(tmp_path, direct_pki, outbox, api, referral):
+    from hl7referral.engine.smtp_client import SendResult
+    config = DirectConfig(address="referrals@direct.sender.test", certificate=direct_pki / "sender.pem",
+                          key=direct_pki / "sender.key", chain=(direct_pki / "intermediate.pem",),
+                          certificates_dir=direct_pki, anchors={"*": (direct_pki / "anchor.pem",)})
+    direct = DirectAgent(config, outbox)
+    direct.load()
+    direct.fax_after_direct = {"some-other-channel"}
+    now = float(int(time.time()))
+    _, result = referral
+    sent = direct.enqueue_referral(referral_id="REF-DIRECT-ONLY", document_id=None, channel="ref-i12",
+                                   cda=result.document, order=None, patient_id="MRN1^^^&2.16.840.1.113883.19.5&ISO",
+                                   recipient="cardiology@direct.receiver.test", now=now)
+    direct.on_send_result(outbox.get(sent.id), SendResult("failed", 554, "5.7.1 refused"), now)
+    assert outbox.list(referral_id="REF-DIRECT-ONLY", transport="fax") == []
+    audit = [e for e in outbox.events(limit=1000) if e["event"] == "no-fallback"]
+    assert audit and "lists no transport after direct" in audit[0]["detail"]

@@ -9,6 +9,7 @@ out of order, to the engine's callback listener.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -50,10 +51,11 @@ def test_no_certificate_falls_back_to_one_fax_and_callbacks_settle_it(fax_engine
     fax = api.faxes[0]
     assert fax.number == "+15555550190" and fax.reference == "SAMPLEREF0001/fax/1"
     assert fax.callback_url == callback_url
-    if PDFTOTEXT:
-        (tmp_path / "fax.pdf").write_bytes(fax.pdf)
-        text = subprocess.run([PDFTOTEXT, str(tmp_path / "fax.pdf"), "-"], capture_output=True, check=True).stdout
-        assert b"SAMPLEREF0001" in text and b"Sample" in text
+    if PDFTOTEXT is None and not os.environ.get("CI"):
+        pytest.skip("pdftotext not installed (Debian: poppler-utils)")
+    (tmp_path / "fax.pdf").write_bytes(fax.pdf)
+    text = subprocess.run([PDFTOTEXT, str(tmp_path / "fax.pdf"), "-"], capture_output=True, check=True).stdout
+    assert b"SAMPLEREF0001" in text and b"Alex" in text and b"5555550100" in text.replace(b"-", b"")
     row = wait_for(lambda: [r for r in outbox(engine.store) if r["transport"] == "fax" and r["job_id"]],
                    what="the job id stored")[0]
     assert row["state"] == "SUBMITTED" and row["job_id"] == fax.job_id

@@ -86,6 +86,8 @@ class DirectAgent:
         self.chain: list[x509.Certificate] = []
         self.anchors: Anchors | None = None
         self.policy: TrustPolicy | None = None
+        # Channels whose transports list fax after direct (None: every channel, as in unit tests).
+        self.fax_after_direct: set[str] | None = None
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -205,7 +207,12 @@ class DirectAgent:
             self.fallback(row, now, f"Direct {t.state.value}: {detail}")
 
     def fallback(self, row: dict, now: float, why: str) -> None:
-        """Queue the referral for the next transport (fax); the fax gateway's worker sends it."""
+        """Queue the referral for the next transport (fax), if its channel lists one after Direct."""
+        channel = row.get("channel") or ""
+        if self.fax_after_direct is not None and channel not in self.fax_after_direct:
+            self.outbox.audit(event="no-fallback", at=iso_timestamp(now), referral_id=row.get("referral_id"),
+                              detail=f"{why}; channel {channel} lists no transport after direct")
+            return
         fax = ""
         if row.get("document_id"):
             doc = self.outbox.store.get_document(row["document_id"])

@@ -49,6 +49,8 @@ class DirectService(Service):
         self.clock = clock or reactor
         self.outbox = Outbox(store)
         self.agent = DirectAgent(config.direct, self.outbox, local_root=config.local_root)
+        self.agent.fax_after_direct = {c.name for c in config.channels if "direct" in c.transports
+                                       and "fax" in c.transports[c.transports.index("direct") + 1:]}
         self.channels = {c.name: c for c in config.channels}
         self.send = send or smtp_client.send
         self.enabled = False

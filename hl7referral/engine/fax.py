@@ -12,9 +12,10 @@ Invariants
   submit and cleared only when the job id is recorded; so after an unknown outcome, or a
   crash between the gateway's answer and our commit, the next try asks the gateway for a
   job with that key (``find``) before it submits again.
-* A job id belongs to one attempt. A gateway that answers with a job id another attempt
-  already holds gets no state change on either: the new attempt FAILS with an alert that
-  says so (two referrals must not share one fax's fate).
+* A job id belongs to one attempt while it waits. A gateway that answers with a job id
+  another waiting attempt holds changes neither: the new attempt FAILS with an alert that
+  says so (two referrals must not share one fax's fate). Job ids are per route (plugin and
+  channel, ``hylafax@default``): two providers may both number from 1.
 * States move only by :func:`hl7referral.fax.tracking.step`; every change is written with
   its ``transport_events`` row, and a status that would move a send backwards is recorded
   as ``status-stale`` and changes nothing (callbacks arrive twice and out of order).
@@ -37,7 +38,7 @@ from ..config.channels import ChannelConfig
 from ..config.fax import FaxConfig
 from ..fax import render
 from ..fax.gateway import Callback, FaxGateway, FaxJob, GatewayError, GatewayStatus, Status, load_gateway
-from ..fax.tracking import WAITING, Event, State, Transition, status_event, step
+from ..fax.tracking import FINAL, WAITING, Event, State, Transition, status_event, step
 from ..store.outbox import Outbox
 from .ingest import iso_timestamp
 
@@ -48,6 +49,7 @@ WAITING_STATES = tuple(s.value for s in WAITING)
 class Route:
     name: str            # the gateway plugin's name ("hylafax")
     gateway: FaxGateway
+    ident: str           # plugin@route ("hylafax@default", "http-fax@ref-i12"): whose job ids these are
 
 
 class FaxAgent:
@@ -68,7 +70,7 @@ class FaxAgent:
                 if ch.fax:
                     gateways[ch.name] = _build(ch.fax)
         for channel, gw in gateways.items():
-            self.routes[channel] = Route(gw.name, gw)
+            self.routes[channel] = Route(gw.name, gw, f"{gw.name}@{channel or 'default'}")
         self._fonts: render.Fonts | None = None
 
     def route(self, channel: str | None) -> Route | None:
@@ -86,7 +88,10 @@ class FaxAgent:
     def send_due(self, now: float) -> list[int]:
         rows = self.outbox.due(now, transports=("fax",))
         for row in rows:
-            self.send(row, now)
+            try:
+                self.send(row, now)
+            except Exception:  # noqa: BLE001 - one row's bug must not hold up the others; it stays due
+                self.log.failure("fax attempt #{id} could not be sent", id=row["id"])
         return [r["id"] for r in rows]
 
     # -- submitting ------------------------------------------------------------------------
@@ -104,7 +109,7 @@ class FaxAgent:
             except render.RenderError as exc:
                 return self._move(row, Event.SUBMIT_REJECTED, now, f"the fax cannot be rendered: {exc}")
             self.outbox.update(row["id"], event="rendered", at=iso_timestamp(now), detail=f"PDF {len(pdf)} bytes",
-                               payload=pdf, gateway=route.name)
+                               payload=pdf, gateway=route.ident)
         attempts = (row["attempts"] or 0) + 1
         try:
             job_id = route.gateway.find(row["idempotency_key"]) if row.get("find_first") else None
@@ -113,7 +118,7 @@ class FaxAgent:
             # From here the gateway may hold a job we have not recorded (a crash before the
             # answer is stored): say so first, so the next try, after a restart too, looks first.
             self.outbox.update(row["id"], event="submitting", at=iso_timestamp(now),
-                               detail=f"attempt {attempts} to {route.name}", find_first=1, gateway=route.name)
+                               detail=f"attempt {attempts} to {route.ident}", find_first=1, gateway=route.ident)
             submitted = route.gateway.submit(FaxJob(key=row["idempotency_key"], number=row["recipient"], pdf=pdf,
                                                     referral_id=row["referral_id"] or "",
                                                     callback_url=self._callback_url(route, row.get("channel"))))
@@ -128,14 +133,14 @@ class FaxAgent:
 
     def _submitted(self, row: dict, route: Route, job_id: str, status: GatewayStatus | None, now: float,
                    attempts: int, how: str) -> Transition:
-        other = self.outbox.by_job(route.name, job_id)
-        if other is not None and other["id"] != row["id"]:
+        other = self.outbox.by_job(route.ident, job_id)
+        if other is not None and other["id"] != row["id"] and State(other["state"]) not in FINAL:
             return self._move(row, Event.SUBMIT_REJECTED, now,
                               f"{route.name} answered with job {job_id}, which is outbox #{other['id']}'s "
                               f"(referral {other['referral_id']}); this attempt is not tracked as sent",
                               attempts=attempts)
         detail = f"{route.name} job {job_id}" + (f" ({how})" if how else "")
-        t = self._move(row, Event.SUBMITTED, now, detail, attempts=attempts, gateway=route.name, job_id=job_id,
+        t = self._move(row, Event.SUBMITTED, now, detail, attempts=attempts, gateway=route.ident, job_id=job_id,
                        find_first=0, sent_at=now, deadline=now + self.config.final_timeout, last_error=None,
                        next_attempt_at=now + self.config.poll_interval)
         if status is not None and status.status != Status.QUEUED:
@@ -154,7 +159,9 @@ class FaxAgent:
         event = Event.SUBMIT_UNKNOWN if exc.outcome == "unknown" else Event.SUBMIT_RETRY
         return self._move(row, event, now, f"{detail}; retry in {delay:.0f} s", attempts=attempts,
                           next_attempt_at=now + delay, last_error=str(exc),
-                          find_first=int(exc.outcome == "unknown"))  # "retry": nothing was created
+                          # Cleared only with a job id: a "retry" from find() (or after an
+                          # earlier unknown) must not let the next try submit without looking.
+                          find_first=int(exc.outcome == "unknown" or bool(row.get("find_first"))))
 
     # -- rendering -------------------------------------------------------------------------
 
@@ -216,13 +223,13 @@ class FaxAgent:
     # -- callbacks -------------------------------------------------------------------------
 
     def parse_callback(self, channel: str, body: bytes, headers: dict[str, str]) -> tuple[str, Callback]:
-        """(gateway name, callback); GatewayError when the channel has no gateway or the body is refused."""
+        """(the route's ident, callback); GatewayError when the channel has no gateway or the body is refused."""
         if channel != "default" and self.channels and channel not in self.channels:
             raise GatewayError(f"no channel {channel!r}", "rejected")
         route = self.route("" if channel == "default" else channel)
         if route is None:
             raise GatewayError(f"no fax gateway for channel {channel!r}", "rejected")
-        return route.name, route.gateway.parse_callback(body, headers)
+        return route.ident, route.gateway.parse_callback(body, headers)
 
     def store_callback(self, channel: str, body: bytes, headers: dict[str, str], now: float) -> tuple[int, str]:
         """Keep a callback as received (refused ones too, marked so); returns (id, "" or why it was refused)."""

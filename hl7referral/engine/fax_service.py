@@ -70,6 +70,12 @@ class FaxService(Service):
         def listening(port):
             self.port = port
             self.log.info("fax: status callbacks on {addr}", addr=port.getHost())
+            open_to = [r.ident for r in self.agent.routes.values() if r.gateway.supports_callbacks
+                       and not getattr(r.gateway, "callback_token_env", "")]
+            if open_to and getattr(port.getHost(), "host", "") not in ("127.0.0.1", "::1"):
+                # Anyone who reaches the listener could mark a fax delivered.
+                self.log.warn("fax: callbacks for {routes} carry no shared secret (callback_token_env) and the "
+                              "listener is not on loopback", routes=", ".join(sorted(set(open_to))))
             return port
         return d.addCallback(listening)
 

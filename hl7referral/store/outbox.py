@@ -106,7 +106,10 @@ class Outbox:
             self.conn.execute("UPDATE outbox SET next_attempt_at = ? WHERE id = ?", (next_attempt_at, outbox_id))
 
     def by_job(self, gateway: str, job_id: str) -> dict | None:
-        rows = list(self.store.db.query("SELECT * FROM outbox WHERE gateway = ? AND job_id = ?", [gateway, job_id]))
+        """The attempt holding this gateway job: one still waiting first, else the newest."""
+        rows = list(self.store.db.query(
+            "SELECT * FROM outbox WHERE gateway = ? AND job_id = ? "
+            "ORDER BY state IN ('DELIVERED', 'FAILED'), id DESC LIMIT 1", [gateway, job_id]))
         return rows[0] if rows else None
 
     def by_key(self, key: str) -> dict | None:

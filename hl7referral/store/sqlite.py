@@ -166,13 +166,14 @@ def _v3_outbox_and_mail(db: sqlite_utils.Database) -> None:
 
 @_migration
 def _v4_fax(db: sqlite_utils.Database) -> None:
-    # A fax attempt is an outbox row too (transport "fax"): the gateway that took it and the
-    # gateway's job id. One job id belongs to one attempt: a gateway that answers a new fax
-    # with a job id it already gave another is caught here instead of merging two referrals.
+    # A fax attempt is an outbox row too (transport "fax"): the gateway that took it (plugin and
+    # route, e.g. "hylafax@default") and the gateway's job id. Not unique: a HylaFAX whose spool
+    # was rebuilt numbers its jobs from 1 again, so an old finished attempt may share an id with
+    # a new one; the agent refuses an id only while another attempt still waits on it.
     db["outbox"].add_column("gateway", str)
     db["outbox"].add_column("job_id", str)
-    db["outbox"].add_column("find_first", int)   # the last submit's outcome is unknown: look before resending
-    db.execute("CREATE UNIQUE INDEX outbox_job ON outbox (gateway, job_id) WHERE job_id IS NOT NULL")
+    db["outbox"].add_column("find_first", int)   # the gateway may hold a job we have not recorded: look first
+    db["outbox"].create_index(["gateway", "job_id"], index_name="outbox_job")
     # Status callbacks are kept as received before the HTTP 200, then applied; one that
     # overtakes the submit answer (its job id not yet recorded) waits here until it matches.
     db["fax_callbacks"].create(
