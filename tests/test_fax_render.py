@@ -91,7 +91,8 @@ def non_latin_referral() -> Referral:
         created="20250301103000-0500",
         reason=Code("R07.9", OID["ICD10CM"], "Chest pain, unspecified", "ICD-10-CM"),
         reason_text="胸痛 — Brustschmerz — Боль в груди — Πόνος στο στήθος",
-        patient=Patient(ids=[Identifier("", "MRN12345", "GHC_MRN")], names=[Name("Ørsted", ["Zoë"])],
+        patient=Patient(ids=[Identifier("", "MRN12345", "GHC_MRN")],
+                        names=[Name("Ørsted", ["Zoë"]), Name("李", ["美玲"]), Name("Ёлкина", ["Зоя"])],
                         gender=Code("F"), birth_time="19750501",
                         addr=[Address(["2222 Home Street"], "Beaverton", "OR", "97867", "US", "H")],
                         telecom=[Telecom("tel:+1-555-555-2003", "HP")]),
@@ -160,7 +161,9 @@ def test_non_latin_sample(non_latin_cda, tmp_path):
                   referral_id="REF-0001")
     pdf = render_pdf(non_latin_cda, cover, created=WHEN)
     text = pdftotext(pdf, tmp_path)
-    for word in ("王", "小明", "Ørsted", "Zoë", "Zoë Ørsted", "胸痛", "Боль в груди", "Πόνος στο στήθος", "REF-0001"):
+    # The patient's names in Latin with diacritics, Han and Cyrillic; the recipient's in Han.
+    for word in ("王", "小明", "Ørsted", "Zoë", "Zoë Ørsted", "李", "美玲", "Зоя Ёлкина", "胸痛", "Боль в груди",
+                 "Πόνος στο στήθος", "REF-0001"):
         assert word in text, word
     assert callback_number(non_latin_cda) == "+1-555-555-1004"
     assert re.search(r"Callback\s+\+1-555-555-1004", pdftotext(pdf, tmp_path, "-layout"))
