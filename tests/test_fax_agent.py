@@ -310,6 +310,9 @@ def test_direct_that_cannot_start_or_gets_no_mdn_in_time_goes_by_fax(tmp_path, d
     empty.mkdir()
     cfg = load_engine(None, overrides=[f'direct.certificate="{direct_pki / "sender.pem"}"',
                                        f'direct.key="{direct_pki / "sender.key"}"',
+                                       f'direct.chain=["{direct_pki / "intermediate.pem"}"]',
+                                       f'direct.crls=["{direct_pki / "intermediate.crl.pem"}"]',
+                                       f'direct.anchors.0.files=["{direct_pki / "anchor.pem"}"]',
                                        f'direct.certificates_dir="{empty}"'])
     service = DirectService(cfg, outbox.store, clock, clock=clock)   # not started: _dispatch runs here
     service.agent.load()
