@@ -1,0 +1,1 @@
+"""The referral loop: business state, correlation, SLA timers (issue 6)."""
