@@ -19,6 +19,7 @@ from . import __version__
 from .config import ConfigError, load_engine
 from .engine.endpoints import EndpointError, server_endpoint
 from .cli_direct import pick_channel, register as register_direct
+from .cli_audit import register as register_audit
 from .cli_fax import register as register_fax
 from .send import MLLPClient, SendError, read_messages, tls_context
 from .store import Store, StoreError
@@ -390,3 +391,4 @@ def check(config, store, overrides, listen) -> None:
 
 register_direct(main, config_options, readable_errors, _load, _open_store, emit, fail)
 register_fax(main, config_options, readable_errors, _load, _open_store, emit, fail)
+register_audit(main, config_options, readable_errors, _load, _open_store, emit, fail)

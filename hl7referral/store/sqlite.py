@@ -184,6 +184,22 @@ def _v4_fax(db: sqlite_utils.Database) -> None:
     db["fax_callbacks"].create_index(["applied_at"], index_name="fax_callbacks_pending")
 
 
+@_migration
+def _v5_audit_log(db: sqlite_utils.Database) -> None:
+    # The referral audit trail: append-only and hash-chained (store/audit.py). The triggers
+    # stop an UPDATE or DELETE by mistake; one who drops them is caught by `audit verify`.
+    db["audit_log"].create(
+        {"id": int, "at": str, "actor": str, "referral_id": str, "event": str, "source": str, "outcome": str,
+         "detail": str, "prev_hash": str, "hash": str},
+        pk="id", not_null={"at", "actor", "event", "outcome", "prev_hash", "hash"},
+    )
+    db["audit_log"].create_index(["referral_id"], index_name="audit_log_referral")
+    db.execute("CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log "
+               "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END")
+    db.execute("CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log "
+               "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END")
+
+
 _INSERT = (
     "INSERT OR IGNORE INTO messages (received_at, listener, peer, channel, status, "
     "sending_application, sending_facility, message_type, control_id, referral_id, charset, "
