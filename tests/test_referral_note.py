@@ -411,6 +411,42 @@ def test_same_referral_same_bytes():
     assert to_bytes(build_referral_note(adult())) == to_bytes(build_referral_note(adult()))
 
 
+def test_template_skeletons_hold_constants_only():
+    """The skeletons parsed once and copied into every document (``_Proto``, ``nv.Columns``) never change and
+    never take document data: nothing of one patient's document can reach the next one."""
+    from hl7referral.cda import narrative as nv
+    from hl7referral.cda import referral_note as rn
+
+    def skeletons() -> dict[str, bytes]:
+        found = {}
+        for name, value in vars(rn).items():
+            if isinstance(value, rn._Proto):
+                found[name] = etree.tostring(value.root)
+            elif isinstance(value, nv.Columns):
+                found[name] = etree.tostring(value._table) + etree.tostring(value._row)
+        return found
+
+    before = skeletons()
+    assert len(before) > 20
+    for make in REFERRALS.values():
+        build_referral_note(make())
+    build_referral_note(adult(), BuildOptions(title="Other title", language="de-DE", confidentiality="R"))
+    assert skeletons() == before
+    kept = b"".join(before.values()).decode()
+    for data in ("Everywoman", "MRN12345", "REF-0001", "Rex", "Chest pain", "Other title", "de-DE", "1c2d8a3e"):
+        assert data not in kept
+
+
+def test_table_rows_wider_or_narrower_than_the_header_keep_their_cells():
+    from hl7referral.cda import narrative as nv
+
+    parent = etree.Element(V3 + "text")
+    nv.table(parent, nv.Columns("A", "B"), [["1", "2", nv.Cell("3", "c3")], ["4"], ["5", "6"]])
+    rows = [[(td.text, td.get("ID")) for td in tr] for tr in parent.iter(V3 + "tr")]
+    assert rows == [[("A", None), ("B", None)], [("1", None), ("2", None), ("3", "c3")], [("4", None)],
+                    [("5", None), ("6", None)]]
+
+
 # --- negative: the validator catches what the Schematron alone would not ----------------------------
 
 

@@ -32,6 +32,12 @@ SYSTEMS = {
     "NDC": OID["NDC"], "CVX": OID["CVX"], "UCUM": OID["UCUM"],
 }
 
+# Compiled once: these run for every field of every message.
+_TS = re.compile(r"\d{4}(\d{2}){0,5}(\.\d{1,4})?([+-]\d{4})?")
+_OID = re.compile(r"[0-2](\.\d+)+")
+_NOT_PHONE = re.compile(r"[^\d+X x-]")
+_DIGIT = re.compile(r"\d")
+
 
 def _c(value: Value, comp: int, sub: int = 1) -> str:
     if isinstance(value, str):
@@ -50,7 +56,7 @@ def text(value: Value) -> str | None:
 def ts(value: Value) -> str | None:
     """A TS/DTM: the digits and offset, as HL7 wrote them; None if not a timestamp."""
     v = _c(value, 1)
-    return v if re.fullmatch(r"\d{4}(\d{2}){0,5}(\.\d{1,4})?([+-]\d{4})?", v) else None
+    return v if _TS.fullmatch(v) else None
 
 
 def cwe(value: Value) -> Code | None:
@@ -60,7 +66,7 @@ def cwe(value: Value) -> Code | None:
         code, display, system = _c(value, 4), _c(value, 5) or display, _c(value, 6)
     if not (code or display):
         return None
-    oid = SYSTEMS.get(system.upper(), system if re.fullmatch(r"[0-2](\.\d+)+", system) else "")
+    oid = SYSTEMS.get(system.upper(), system if _OID.fullmatch(system) else "")
     if system.upper().startswith("HL7") and system[3:].isdigit():
         oid = f"2.16.840.1.113883.12.{int(system[3:])}"
     return Code(code=code, system=oid, display=display, system_name=system, original_text=display)
@@ -69,7 +75,7 @@ def cwe(value: Value) -> Code | None:
 def _hd(value: Value, comp: int) -> tuple[str, str]:
     """A hierarchic designator (namespace & universal id & type) inside component ``comp``."""
     ns, uid, kind = _c(value, comp, 1), _c(value, comp, 2), _c(value, comp, 3)
-    root = uid if (kind.upper() in ("ISO", "") and re.fullmatch(r"[0-2](\.\d+)+", uid or "")) else ""
+    root = uid if (kind.upper() in ("ISO", "") and _OID.fullmatch(uid or "")) else ""
     return root, ns or uid
 
 
@@ -88,7 +94,7 @@ def ei(value: Value) -> Identifier | None:
     if not ext:
         return None
     uid, kind = _c(value, 3), _c(value, 4)
-    root = uid if kind.upper() in ("ISO", "") and re.fullmatch(r"[0-2](\.\d+)+", uid or "") else ""
+    root = uid if kind.upper() in ("ISO", "") and _OID.fullmatch(uid or "") else ""
     return Identifier(root=root, extension=ext, authority=_c(value, 2) or uid)
 
 
@@ -160,8 +166,8 @@ def xtn(value: Value) -> Telecom | None:
         number = f"+{country}-{digits}" if country else digits
     else:
         number = _c(value, 12) or _c(value, 1)
-    number = re.sub(r"[^\d+X x-]", "", number.replace("(", "").replace(")", "-")).strip(" -")
-    if not re.search(r"\d", number):
+    number = _NOT_PHONE.sub("", number.replace("(", "").replace(")", "-")).strip(" -")
+    if not _DIGIT.search(number):
         return None
     if ext:
         number += f";ext={ext}"

@@ -271,7 +271,8 @@ def _fill(omap: ObjectMap, obj: Any, reader: Reader, segment, errors: list, pref
             setattr(obj, name, items)
         else:
             current = getattr(obj, name)
-            target = copy.copy(current) if current is not None else child.cls()
+            # *obj* was made for this message, so its nested objects are its own: filled in place.
+            target = current if current is not None else child.cls()
             filled = _fill(child, target, reader, segment, errors, f"{prefix}{name}.")
             optional = current is None
             if not optional or any(_filled(getattr(filled, r.target)) for r in child.rules) or any(
@@ -280,8 +281,9 @@ def _fill(omap: ObjectMap, obj: Any, reader: Reader, segment, errors: list, pref
     return obj
 
 
-# Value types that say for themselves whether they hold anything (they define __bool__).
-_SELF_TESTING = (Code, Identifier, Name, Address, Telecom)
+# Value types that say for themselves whether they hold anything (they define __bool__); str first,
+# the most common value, so that most values skip the dataclass walk.
+_SELF_TESTING = (str, Code, Identifier, Name, Address, Telecom)
 
 
 def _filled(value: Any) -> bool:

@@ -40,8 +40,11 @@ Invariants
   ``local_root`` to an arc of their own OID reserved for this purpose. Payer
   member, group and authorization numbers are namespaces of their own
   ("<payer> member ID", …), never the payer organisation's OID.
-* Speed: fixed template parts are parsed once and deep-copied (:class:`_Proto`);
-  only document values are set element by element.
+* Speed: fixed template parts (the document head, sections, entries, the
+  narrative tables' header and empty rows) are parsed once and deep-copied
+  (:class:`_Proto`, :class:`~.narrative.Columns`); only document values are
+  set element by element. The skeletons hold constants only, never document
+  data (tests/test_referral_note.py checks that building leaves them as they were).
 * Veterinary referrals (``referral.veterinary`` or a patient species): the
   animal's name stays the patient name; species and breed are stated in
   ``patient/sdtc:desc``, in the Reason for Referral narrative ("Patient" table)
@@ -109,13 +112,15 @@ _GENDER = {"M": "Male", "F": "Female", "UN": "Undifferentiated"}
 _TEL_USES = {"H", "HP", "HV", "WP", "DIR", "PUB", "BAD", "TMP", "AS", "EC", "MC", "PG"}
 _ADDR_USES = {"H", "HP", "HV", "WP", "DIR", "PUB", "BAD", "TMP"}
 
-_OID_RE = re.compile(r"[0-2](\.(0|[1-9][0-9]*))*\Z")
-_UUID_RE = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}\Z")
+_OID_PATTERN = r"[0-2](\.(0|[1-9][0-9]*))*"
+_UUID_PATTERN = r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
+_ROOT_RE = re.compile(f"(?:{_OID_PATTERN}|{_UUID_PATTERN})\\Z")  # one match instead of one per form
 _TS_RE = re.compile(r"(\d{4,14})(\.\d+)?([+-]\d{4})?\Z")
 _NUMBER_RE = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\Z")
 _RANGE_RE = re.compile(r"\s*([+-]?\d+(?:\.\d+)?)\s*-\s*([+-]?\d+(?:\.\d+)?)\s*\Z")
 _PHONE_RE = re.compile(r"\+?[\d ().\-]*\d[\d ().\-]*\Z")
 _SYSTEM_NAMES = {oid: name for name, oid in OID.items()}
+_KNOWN_SYSTEMS = frozenset(_SYSTEM_NAMES)  # OIDs of the named systems: the usual code.system, no regex needed
 # HL7 v2 coding-system names (table 0396) a mapping may pass through instead of an OID.
 _V2_SYSTEMS = {"LN": "LOINC", "SCT": "SNOMED", "I10": "ICD10CM", "I10C": "ICD10CM", "I9C": "ICD9CM", "I9CDX": "ICD9CM"}
 
@@ -161,9 +166,16 @@ def _text_el(parent: etree._Element, tag: str, text: str) -> etree._Element:
     return el
 
 
+def _reference_text(id: str) -> etree._Element:
+    """A free ``<text><reference value="#id"/></text>``, for the caller to place in an entry."""
+    text = etree.Element(V3 + "text")
+    nv.reference(text, id)
+    return text
+
+
 def is_root(value: str) -> bool:
     """Whether *value* can be an ``II/@root`` (an OID or a UUID)."""
-    return bool(_OID_RE.match(value) or _UUID_RE.match(value))
+    return _ROOT_RE.match(value) is not None
 
 
 def _is_npi(ident: Identifier) -> bool:
@@ -234,24 +246,29 @@ def _code_label(code: Code) -> str:
 def token(value: str) -> str:
     """*value* as a CDA ``cs`` token (codes, units, language tags): no whitespace, or "" if it had inner spaces."""
     v = nv.clean(value.strip())
-    return "" if not v or any(c.isspace() for c in v) else v
+    return v if v.split() == [v] else ""  # str.split() splits at exactly what str.isspace() calls space
 
 
 def system_oid(system: str) -> str:
     """A code system as an OID: as given when it is one, looked up when it is a name in ``OID``, else ""."""
     s = system.strip()
-    if is_root(s):
+    if s in _KNOWN_SYSTEMS or is_root(s):
         return s
     name = s.upper().replace("-", "").replace(" ", "")
     return OID.get(_V2_SYSTEMS.get(name, name), "")
 
 
-def uuid5(namespace: bytes, name: str) -> str:
-    """``str(uuid.uuid5(UUID(bytes=namespace), name))``, without the UUID object (a document needs dozens)."""
+def _uuid5_bytes(namespace: bytes, name: str) -> bytes:
+    """``uuid.uuid5(UUID(bytes=namespace), name).bytes``, without the UUID objects."""
     h = bytearray(hashlib.sha1(namespace + name.encode("utf-8")).digest()[:16])
     h[6] = (h[6] & 0x0F) | 0x50  # version 5
     h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
-    x = h.hex()
+    return bytes(h)
+
+
+def uuid5(namespace: bytes, name: str) -> str:
+    """``str(uuid.uuid5(UUID(bytes=namespace), name))``, without the UUID object (a document needs dozens)."""
+    x = _uuid5_bytes(namespace, name).hex()
     return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
 
 
@@ -322,6 +339,9 @@ class _Proto:
         self.root = wrapper[0]
         self.slots: list[tuple[str, tuple[int, ...]]] = []
         for el in self.root.iter(etree.Element):
+            # A built document has no source lines (the validator numbers its to_bytes form):
+            # the copies must not carry the line numbers of this XML.
+            el.sourceline = 0
             name = el.attrib.pop("slot", None)
             if name:
                 path: list[int] = []
@@ -332,10 +352,19 @@ class _Proto:
                     node = parent
                 self.slots.append((name, tuple(path)))
 
+    def new(self) -> dict[str, etree._Element]:
+        """A copy of its own (the root of a new document); returns its slots by name ("" is the copy)."""
+        # An lxml element's copy.copy is already a deep copy (the whole subtree), without the
+        # memo bookkeeping of copy.deepcopy: half the cost of a small skeleton.
+        return self._slots(copy.copy(self.root))
+
     def add(self, parent: etree._Element) -> dict[str, etree._Element]:
         """Append a copy to *parent*; returns its slots by name ("" is the copy itself)."""
-        el = copy.deepcopy(self.root)
+        el = copy.copy(self.root)
         parent.append(el)
+        return self._slots(el)
+
+    def _slots(self, el: etree._Element) -> dict[str, etree._Element]:
         found = {"": el}
         for name, path in self.slots:
             node = el
@@ -353,11 +382,16 @@ def _tids(root: str, extension: str = "", r11: bool = True) -> str:
     return f'{twin}<templateId root="{root}" extension="{extension}"/>'
 
 
-def _section_proto(root: str, extension: str, code: str, display: str, title: str) -> _Proto:
+def _section_proto(
+    root: str, extension: str, code: str, display: str, title: str, no_information: bool = False
+) -> _Proto:
+    """A section's skeleton; *no_information*: its "No information" form (what ``section(…, False)`` makes)."""
+    null = ' nullFlavor="NI"' if no_information else ""
+    text = f"<text>{nv.NO_INFORMATION}</text>" if no_information else ""
     return _Proto(
-        f'<component><section slot="section">{_tids(root, extension)}'
+        f'<component><section slot="section"{null}>{_tids(root, extension)}'
         f'<code code="{code}" codeSystem="{OID["LOINC"]}" codeSystemName="LOINC" displayName="{display}"/>'
-        f"<title>{title}</title></section></component>"
+        f"<title>{title}</title>{text}</section></component>"
     )
 
 
@@ -384,7 +418,10 @@ _S_RESULTS = _section_proto(
     "Relevant diagnostic tests/laboratory data Narrative",
     "Results",
 )
-_S_ASSESSMENT = _section_proto("2.16.840.1.113883.10.20.22.2.8", "", "51848-0", "Evaluation note", "Assessment")
+# The model carries no assessment text: the Assessment section always has "No information".
+_S_NO_ASSESSMENT = _section_proto(
+    "2.16.840.1.113883.10.20.22.2.8", "", "51848-0", "Evaluation note", "Assessment", no_information=True
+)
 _S_PLAN = _section_proto(
     "2.16.840.1.113883.10.20.22.2.10", "2014-06-09", "18776-5", "Plan of care note", "Plan of Treatment"
 )
@@ -392,8 +429,63 @@ _S_PAYERS = _section_proto(
     "2.16.840.1.113883.10.20.22.2.18", "2015-08-01", "48768-6", "Payment sources Document", "Payers"
 )
 
+# The document up to versionNumber: the header constants (options and document values are filled in).
+# The Referral Note is new in R2.0: no R1.1 twin of its templateId.
+_DOCUMENT = _Proto(
+    f"""<ClinicalDocument {" ".join(f'xmlns{":" + p if p else ""}="{ns}"' for p, ns in NSMAP.items())}>
+      <realmCode code="US"/>
+      <typeId root="2.16.840.1.113883.1.3" extension="POCD_HD000040"/>
+      {_tids(*US_REALM_HEADER)}{_tids(*REFERRAL_NOTE, r11=False)}
+      <id slot="id"/>
+      <code code="{DOCUMENT_CODE.code}" codeSystem="{DOCUMENT_CODE.system}" codeSystemName="{DOCUMENT_CODE.system_name}"
+            displayName="{DOCUMENT_CODE.display}"/>
+      <title slot="title"/><effectiveTime slot="time"/>
+      <confidentialityCode slot="confidentiality"/><languageCode slot="language"/>
+      <setId slot="set_id"/><versionNumber value="1"/>
+    </ClinicalDocument>"""
+)
+# The narrative tables' columns (their thead and empty row are built once).
+_T_REASON = nv.Columns("Item", "Details")
+_T_PATIENT = nv.Columns("Patient", "Species", "Breed", "Owner", "Owner contact")
+_T_PROBLEMS = nv.Columns("Problem", "Code", "Onset", "Status")
+_T_ALLERGIES = nv.Columns("Allergen", "Reaction", "Severity", "Onset")
+_T_MEDICATIONS = nv.Columns("Medication", "Code", "Instructions", "Start")
+_T_RESULTS = nv.Columns("Test", "Value", "Reference range", "Interpretation", "Date")
+_T_PAYERS = nv.Columns("Payer", "Plan", "Member ID", "Group number", "Authorization", "Authorized period", "Visits")
+
 _ASSERTION = f'<code code="ASSERTION" codeSystem="{ACT_CODE}" displayName="Assertion"/>'
 _CONCERN = f'<code code="CONC" codeSystem="{ACT_CLASS}" displayName="Concern"/>'
+
+# Referral Act 4.140 (in its entry); the text (when the reason is in the narrative), priority and the
+# participations are added per document.
+_E_REFERRAL_ACT = _Proto(
+    """<entry><act classCode="PCPR" moodCode="INT" slot="act">
+      <templateId root="2.16.840.1.113883.10.20.22.4.140"/>
+      <id slot="id"/><code slot="code"/><statusCode code="active"/><effectiveTime slot="time"/>
+    </act></entry>"""
+)
+# Author Participation 4.119, pointing at the header author by id (CONF:1098-32628).
+_E_REFERRAL_AUTHOR = _Proto(
+    """<author><templateId root="2.16.840.1.113883.10.20.22.4.119"/>
+      <time slot="time"/><assignedAuthor slot="assigned"/>
+    </author>"""
+)
+# The requested service, referred to in the Reason for Referral table.
+_E_REQUESTED_SERVICE = _Proto(
+    f"""<entryRelationship typeCode="SUBJ"><observation classCode="OBS" moodCode="RQO" slot="observation">
+      {_ASSERTION}<text><reference value="#rfr-service"/></text><statusCode code="completed"/>
+    </observation></entryRelationship>"""
+)
+# Indication (V2) 4.19: the coded reason for the referral (text, when there is one, before statusCode).
+_E_INDICATION = _Proto(
+    f"""<entryRelationship typeCode="RSON"><observation classCode="OBS" moodCode="EVN" slot="observation">
+      {_tids("2.16.840.1.113883.10.20.22.4.19", "2014-06-09")}
+      <id slot="id"/>
+      <code code="{CLINICAL_FINDING.code}" codeSystem="{CLINICAL_FINDING.system}"
+            codeSystemName="{CLINICAL_FINDING.system_name}" displayName="{CLINICAL_FINDING.display}"/>
+      <statusCode code="completed" slot="status"/>
+    </observation></entryRelationship>"""
+)
 
 # Problem Concern Act (V3) 4.3 holding one Problem Observation (V3) 4.4.
 _E_PROBLEM = _Proto(
@@ -554,7 +646,7 @@ class _Builder:
         else:
             self.doc_id = {"root": str(uuid.uuid4())}
         key = self.doc_id["root"] + "^" + self.doc_id.get("extension", "")
-        self._ns = uuid.uuid5(uuid.NAMESPACE_URL, "urn:hl7referral:document:" + key).bytes
+        self._ns = _uuid5_bytes(uuid.NAMESPACE_URL.bytes, "urn:hl7referral:document:" + key)
 
     # datatypes: fill_* write into an existing element, the others append one
 
@@ -687,21 +779,14 @@ class _Builder:
 
     def build(self) -> etree._ElementTree:
         r = self.r
-        doc = etree.Element(V3 + "ClinicalDocument", nsmap=NSMAP)
-        _el(doc, "realmCode", {"code": "US"})
-        _el(doc, "typeId", {"root": "2.16.840.1.113883.1.3", "extension": "POCD_HD000040"})
-        _el(doc, "templateId", {"root": US_REALM_HEADER[0]})
-        _el(doc, "templateId", {"root": US_REALM_HEADER[0], "extension": US_REALM_HEADER[1]})
-        # The Referral Note is new in R2.0: no R1.1 twin.
-        _el(doc, "templateId", {"root": REFERRAL_NOTE[0], "extension": REFERRAL_NOTE[1]})
-        _el(doc, "id", self.doc_id)
-        self.cd(doc, "code", DOCUMENT_CODE)
-        _text_el(doc, "title", self.o.title)
-        self.ts(doc, "effectiveTime", r.created, min_len=8)
-        _el(doc, "confidentialityCode", {"code": self.o.confidentiality, "codeSystem": OID["CONFIDENTIALITY"]})
-        _el(doc, "languageCode", {"code": self.o.language})
-        _el(doc, "setId", self.doc_id)
-        _el(doc, "versionNumber", {"value": "1"})
+        head = _DOCUMENT.new()
+        doc = head[""]
+        head["id"].attrib.update(self.doc_id)
+        head["title"].text = nv.clean(self.o.title)
+        self.fill_ts(head["time"], r.created, min_len=8)
+        head["confidentiality"].attrib.update({"code": self.o.confidentiality, "codeSystem": OID["CONFIDENTIALITY"]})
+        head["language"].set("code", self.o.language)
+        head["set_id"].attrib.update(self.doc_id)
         self.record_target(doc, r.patient)
         self.author(doc, r.referring)
         self.custodian(doc, r.custodian)
@@ -715,8 +800,7 @@ class _Builder:
         self.allergies_section(body, r.allergies)
         self.medications_section(body, r.medications)
         self.results_section(body, r.results)
-        # The model carries no assessment text: the section (required next to PoT) says so.
-        self.section(body, _S_ASSESSMENT, False)
+        _S_NO_ASSESSMENT.add(body)  # required next to Plan of Treatment
         self.plan_section(body, r.plan)
         self.payers_section(body, r.payers)
         return etree.ElementTree(doc)
@@ -881,11 +965,11 @@ class _Builder:
             contact = ", ".join(_telecom_value(t.value) for t in _party_telecoms(r.referring))
             rows.append(["Referring provider", _party_label(r.referring) + (f" ({contact})" if contact else "")])
         if rows:
-            nv.table(text, ["Item", "Details"], rows)
+            nv.table(text, _T_REASON, rows)
         if vet_rows:
             self.patient_table(text, p)
         if has_referral:
-            self.referral_act(_el(sec, "entry"), bool(reason), bool(r.requested_service))
+            self.referral_act(sec, bool(reason), bool(r.requested_service))
         if vet_rows:
             for key, code in (("species", p.species), ("breed", p.breed)):
                 if code:
@@ -898,7 +982,7 @@ class _Builder:
         contact = ", ".join(_telecom_value(t.value) for t in _party_telecoms(owner)) if owner else ""
         nv.table(
             text,
-            ["Patient", "Species", "Breed", "Owner", "Owner contact"],
+            _T_PATIENT,
             [
                 [
                     "; ".join(n.text() for n in p.names if n),
@@ -919,25 +1003,22 @@ class _Builder:
         _el(obs, "statusCode", {"code": "completed"})
         self.cd(obs, "value", code, OID["SNOMED"], ref="pt-" + key, xsi_type="CD")
 
-    def referral_act(self, entry: etree._Element, has_reason: bool, has_service: bool) -> None:
+    def referral_act(self, section: etree._Element, has_reason: bool, has_service: bool) -> None:
         """Referral Act 4.140: the closed-loop key (``id`` = ``referral.referral_id``)."""
         r = self.r
-        act = _el(entry, "act", {"classCode": "PCPR", "moodCode": "INT"})
-        _el(act, "templateId", {"root": "2.16.840.1.113883.10.20.22.4.140"})
-        self.ii(act, r.referral_id)
-        self.cd(act, "code", r.referral_type if r.referral_type else DEFAULT_REFERRAL_TYPE, OID["SNOMED"])
+        s = _E_REFERRAL_ACT.add(section)
+        act = s["act"]
+        self.fill_ii(s["id"], r.referral_id)
+        self.fill_cd(s["code"], r.referral_type if r.referral_type else DEFAULT_REFERRAL_TYPE, OID["SNOMED"])
         if has_reason:
-            nv.reference(_el(act, "text"), "rfr-reason")
-        _el(act, "statusCode", {"code": "active"})
-        self.ts(act, "effectiveTime", r.created)
+            s["code"].addnext(_reference_text("rfr-reason"))
+        self.fill_ts(s["time"], r.created)
         if r.priority:
             self.cd(act, "priorityCode", r.priority, OID["ACT_PRIORITY"])
         if any(r.referring.ids):
-            # Author Participation pointing at the header author by id (CONF:1098-32628).
-            au = _el(act, "author")
-            _el(au, "templateId", {"root": "2.16.840.1.113883.10.20.22.4.119"})
-            self.ts(au, "time", r.created)
-            self.ids(_el(au, "assignedAuthor"), r.referring.ids)
+            au = _E_REFERRAL_AUTHOR.add(act)
+            self.fill_ts(au["time"], r.created)
+            self.ids(au["assigned"], r.referring.ids)
         rec = r.recipient
         if any(rec.ids) or rec.name or rec.organization:
             role = _el(_el(act, "participant", {"typeCode": "REFT"}), "participantRole", {"classCode": "PROV"})
@@ -949,25 +1030,16 @@ class _Builder:
             if rec.organization:
                 _text_el(_el(role, "scopingEntity"), "desc", rec.organization)
         if has_service:
-            er = _el(act, "entryRelationship", {"typeCode": "SUBJ"})
-            obs = _el(er, "observation", {"classCode": "OBS", "moodCode": "RQO"})
-            _el(obs, "code", {"code": "ASSERTION", "codeSystem": ACT_CODE, "displayName": "Assertion"})
-            nv.reference(_el(obs, "text"), "rfr-service")
-            _el(obs, "statusCode", {"code": "completed"})
+            obs = _E_REQUESTED_SERVICE.add(act)["observation"]
             if r.priority:
                 self.cd(obs, "priorityCode", r.priority, OID["ACT_PRIORITY"])
             self.cd(obs, "value", r.requested_service, ref="rfr-service", xsi_type="CD")
         if r.reason:
-            # Indication (V2) 4.19: the coded reason for the referral.
-            er = _el(act, "entryRelationship", {"typeCode": "RSON"})
-            obs = _el(er, "observation", {"classCode": "OBS", "moodCode": "EVN"})
-            _el(obs, "templateId", {"root": "2.16.840.1.113883.10.20.22.4.19"})
-            _el(obs, "templateId", {"root": "2.16.840.1.113883.10.20.22.4.19", "extension": "2014-06-09"})
-            _el(obs, "id", self.uid("referral-indication"))
-            self.cd(obs, "code", CLINICAL_FINDING)
+            ind = _E_INDICATION.add(act)
+            obs = ind["observation"]
+            ind["id"].attrib.update(self.uid("referral-indication"))
             if has_reason:
-                nv.reference(_el(obs, "text"), "rfr-reason")
-            _el(obs, "statusCode", {"code": "completed"})
+                ind["status"].addprevious(_reference_text("rfr-reason"))
             self.cd(obs, "value", r.reason, ref="rfr-reason" if has_reason else "", xsi_type="CD")
 
     def interval(self, et: etree._Element, low: str, ended: bool = False, high: str = "") -> None:
@@ -985,7 +1057,7 @@ class _Builder:
             [nv.Cell(_code_text(p.code), f"prob-{i}"), _code_label(p.code), human_ts(p.onset), p.status]
             for i, p in enumerate(problems, 1)
         ]
-        nv.table(nv.text_block(sec), ["Problem", "Code", "Onset", "Status"], rows)
+        nv.table(nv.text_block(sec), _T_PROBLEMS, rows)
         for i, p in enumerate(problems, 1):
             ref = f"prob-{i}"
             resolved = p.status.lower() not in ("", "active")
@@ -1013,7 +1085,7 @@ class _Builder:
             ]
             for i, a in enumerate(allergies, 1)
         ]
-        nv.table(nv.text_block(sec), ["Allergen", "Reaction", "Severity", "Onset"], rows)
+        nv.table(nv.text_block(sec), _T_ALLERGIES, rows)
         for i, a in enumerate(allergies, 1):
             ref = f"alg-{i}"
             s = _E_ALLERGY.add(sec)
@@ -1048,7 +1120,7 @@ class _Builder:
             ]
             for i, m in enumerate(meds, 1)
         ]
-        nv.table(nv.text_block(sec), ["Medication", "Code", "Instructions", "Start"], rows)
+        nv.table(nv.text_block(sec), _T_MEDICATIONS, rows)
         for i, m in enumerate(meds, 1):
             s = _E_MEDICATION.add(sec)
             s["id"].attrib.update(self.uid(f"medication-{i}"))
@@ -1071,7 +1143,7 @@ class _Builder:
             ]
             for i, x in enumerate(results, 1)
         ]
-        nv.table(nv.text_block(sec), ["Test", "Value", "Reference range", "Interpretation", "Date"], rows)
+        nv.table(nv.text_block(sec), _T_RESULTS, rows)
         # One organizer per result time. The model has no panel (OBR-4): a lone result's organizer
         # takes its code, several are an uncoded CLUSTER.
         by_time: dict[str, list[tuple[int, Result]]] = {}
@@ -1154,8 +1226,7 @@ class _Builder:
                     auth.authorized_visits if auth else "",
                 ]
             )
-        headers = ["Payer", "Plan", "Member ID", "Group number", "Authorization", "Authorized period", "Visits"]
-        nv.table(nv.text_block(sec), headers, rows)
+        nv.table(nv.text_block(sec), _T_PAYERS, rows)
         cov = _E_COVERAGE.add(sec)
         cov["id"].attrib.update(self.uid("coverage"))
         for i, p in enumerate(payers, 1):
@@ -1173,9 +1244,7 @@ class _Builder:
         else:
             s["id"].attrib.update(self.uid(f"policy-{i}"))
         if p.name:
-            text = etree.Element(V3 + "text")
-            s["code"].addnext(text)
-            nv.reference(text, f"pay-{i}")
+            s["code"].addnext(_reference_text(f"pay-{i}"))
         payer = s["payer"]
         known_ids = [x for x in p.ids if x]
         for ident in known_ids or [Identifier()]:
@@ -1188,18 +1257,14 @@ class _Builder:
             plan = _E_PLAN.add(act)
             plan["id"].attrib.update(self.uid(f"policy-{i}-plan"))
             if p.plan:
-                text = etree.Element(V3 + "text")
-                plan["code"].addnext(text)
-                nv.reference(text, f"pay-{i}-plan")
+                plan["code"].addnext(_reference_text(f"pay-{i}-plan"))
         auth = p.authorization
         if auth is not None:
             a = _E_AUTHORIZATION.add(act)
             number = Identifier("", auth.number, f"{auth.payer or label} authorization")
             self.fill_ii(a["id"], number if auth.number else Identifier())
             if auth.number:
-                text = etree.Element(V3 + "text")
-                a["code"].addnext(text)
-                nv.reference(text, f"pay-{i}-auth")
+                a["code"].addnext(_reference_text(f"pay-{i}-auth"))
             # What is authorized: the requested service (else the referral itself), for the period.
             r = self.r
             service = a["service"]

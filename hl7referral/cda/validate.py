@@ -169,6 +169,9 @@ class Validator:
         # The XSD imports its parts by relative path: parse it from its own location.
         self.schema = etree.XMLSchema(etree.parse(str(self.xsd_path), safe_parser()))
         self._transform: etree.XSLT | None = None
+        # The template check runs for every document: compiled once (per Validator, like the schemas).
+        self._declares = etree.XPath("cda:templateId[@root=$r and @extension=$e]", namespaces=CDA)
+        self._declares_unversioned = etree.XPath("cda:templateId[@root=$r][not(@extension)]", namespaces=CDA)
         if preload:
             self.load_schematron()
 
@@ -288,11 +291,8 @@ class Validator:
         root, extension = expect
         found: list[Finding] = []
         doc = tree.getroot()
-        if extension:
-            test = "cda:templateId[@root=$r and @extension=$e]"
-        else:
-            test = "cda:templateId[@root=$r][not(@extension)]"
-        if not doc.xpath(test, namespaces=CDA, r=root, e=extension):
+        declares = self._declares if extension else self._declares_unversioned
+        if not declares(doc, r=root, e=extension):
             declared = ", ".join(
                 t.get("root", "") + (":" + t.get("extension") if t.get("extension") else "")
                 for t in doc.findall("{urn:hl7-org:v3}templateId")
