@@ -23,7 +23,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from .sqlite import Store
+from .sqlite import Store, where_equal
 
 GENESIS = "0" * 64
 _FIELDS = ("id", "at", "actor", "referral_id", "event", "source", "outcome", "detail")
@@ -63,9 +63,9 @@ class AuditLog:
             return row["id"]
 
     def rows(self, *, referral_id: str | None = None, limit: int = 1000) -> list[dict]:
-        where, args = ("WHERE referral_id = ?", [referral_id]) if referral_id else ("", [])
+        clause, args = where_equal(referral_id=referral_id)
         return [dict(r) for r in self.store.db.query(
-            f"SELECT * FROM audit_log {where} ORDER BY id LIMIT ?", [*args, int(limit)])]
+            f"SELECT * FROM audit_log {clause} ORDER BY id LIMIT ?", [*args, int(limit)])]
 
     def head(self) -> tuple[int, str]:
         """(rows, the last hash): written down elsewhere, it also catches rows cut off the end."""

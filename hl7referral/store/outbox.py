@@ -19,7 +19,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from .sqlite import Store
+from .sqlite import Store, where_equal
 
 ACTIVE = ("QUEUED", "RETRY_WAIT")
 WAITING_FOR_MDN = ("SENT", "MDN_PROCESSED")
@@ -142,17 +142,7 @@ class Outbox:
 
     def list(self, *, limit: int = 50, state: str | None = None, referral_id: str | None = None,
              transport: str | None = None) -> list[dict]:
-        where, args = [], []
-        if transport:
-            where.append("transport = ?")
-            args.append(transport)
-        if state:
-            where.append("state = ?")
-            args.append(state)
-        if referral_id:
-            where.append("referral_id = ?")
-            args.append(referral_id)
-        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        clause, args = where_equal(transport=transport, state=state, referral_id=referral_id)
         return [dict(r) for r in self.store.db.query(
             f"SELECT {_OUTBOX_LIST} FROM outbox {clause} ORDER BY id DESC LIMIT ?", [*args, int(limit)])]
 
@@ -222,14 +212,7 @@ class Outbox:
     # -- audit ---------------------------------------------------------------------------
 
     def events(self, *, outbox_id: int | None = None, mail_id: int | None = None, limit: int = 200) -> list[dict]:
-        where, args = [], []
-        if outbox_id is not None:
-            where.append("outbox_id = ?")
-            args.append(outbox_id)
-        if mail_id is not None:
-            where.append("mail_id = ?")
-            args.append(mail_id)
-        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        clause, args = where_equal(outbox_id=outbox_id, mail_id=mail_id)
         return [dict(r) for r in self.store.db.query(
             f"SELECT * FROM transport_events {clause} ORDER BY id LIMIT ?", [*args, int(limit)])]
 

@@ -211,6 +211,17 @@ _LIST_COLUMNS = (
 )
 
 
+def where_equal(**filters: object) -> tuple[str, list]:
+    """``WHERE a = ? AND b = ?`` and its arguments for the filters given ("" and None mean "any").
+
+    The names are column names from our own code, never input.
+    """
+    given = {k: v for k, v in filters.items() if v is not None and v != ""}
+    if not given:
+        return "", []
+    return "WHERE " + " AND ".join(f"{k} = ?" for k in given), list(given.values())
+
+
 class Store:
     """One SQLite file. Writes come from one thread at a time (the committer)."""
 
@@ -338,19 +349,9 @@ class Store:
 
     def list_messages(self, *, limit: int = 50, status: str | None = None,
                       control_id: str | None = None) -> list[dict]:
-        where, args = [], []
-        if status:
-            where.append("status = ?")
-            args.append(status)
-        if control_id:
-            where.append("control_id = ?")
-            args.append(control_id)
-        sql = f"SELECT {_LIST_COLUMNS} FROM messages"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ?"
-        args.append(int(limit))
-        return [dict(row) for row in self.db.query(sql, args)]
+        clause, args = where_equal(status=status, control_id=control_id)
+        return [dict(row) for row in self.db.query(
+            f"SELECT {_LIST_COLUMNS} FROM messages {clause} ORDER BY id DESC LIMIT ?", [*args, int(limit)])]
 
     def get_message(self, message_id: int) -> dict | None:
         rows = list(self.db.query("SELECT * FROM messages WHERE id = ?", [int(message_id)]))
@@ -362,9 +363,8 @@ class Store:
         return row
 
     def count(self, **where: str) -> int:
-        clause = " AND ".join(f"{k} = ?" for k in where) or "1"
-        return self.conn.execute(f"SELECT count(*) FROM messages WHERE {clause}",
-                                 list(where.values())).fetchone()[0]
+        clause, args = where_equal(**where)
+        return self.conn.execute(f"SELECT count(*) FROM messages {clause}", args).fetchone()[0]
 
     # -- documents and alerts ----------------------------------------------------
 
@@ -398,10 +398,10 @@ class Store:
             [*channels, int(limit)])]
 
     def list_documents(self, *, limit: int = 50, status: str | None = None) -> list[dict]:
-        where, args = ("WHERE status = ?", [status]) if status else ("", [])
+        clause, args = where_equal(status=status)
         return [dict(r) for r in self.db.query(
             f"SELECT id, message_id, channel, referral_id, kind, status, destination, reasons, created_at, "
-            f"length(xml) AS size FROM documents {where} ORDER BY id DESC LIMIT ?", [*args, int(limit)])]
+            f"length(xml) AS size FROM documents {clause} ORDER BY id DESC LIMIT ?", [*args, int(limit)])]
 
     def get_document(self, document_id: int) -> dict | None:
         rows = list(self.db.query("SELECT * FROM documents WHERE id = ?", [int(document_id)]))
