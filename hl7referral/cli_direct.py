@@ -214,20 +214,18 @@ def pick_channel(cfg, channel_name, raw, fail):
 
 def write_fax_pdf(cfg, result, path: Path, now: float) -> bool:
     """The fax a fax channel would send for this referral (cover sheet + the note), as *path*."""
-    from .engine.ingest import iso_timestamp
-    from .fax import render
+    from .engine.fax import fax_pdf, find_fonts
+    from .fax.render import RenderError
 
     dest = result.destination
-    cover = render.Cover(to_name=getattr(dest, "name", "") or "", to_fax=getattr(dest, "fax", "") or "",
-                         from_name=cfg.fax.from_name, from_fax=cfg.fax.from_fax, callback=cfg.fax.callback,
-                         referral_id=result.referral_id or "", sent_at=iso_timestamp(now)[:16].replace("T", " "),
-                         **({"notice": cfg.fax.notice} if cfg.fax.notice else {}))
+    number = getattr(dest, "fax", "") or ""
     try:
-        pdf = render.render_pdf(result.document, cover, fonts=render.find_fonts([str(d) for d in cfg.fax.font_dirs]))
-    except render.RenderError as exc:
+        pdf = fax_pdf(cfg.fax, result.document, to_name=getattr(dest, "name", "") or "", to_fax=number,
+                      referral_id=result.referral_id or "", now=now, fonts=find_fonts(cfg.fax))
+    except RenderError as exc:
         click.echo(f"hl7referral: the fax cannot be rendered: {exc}", err=True)
         return False
     path.write_bytes(pdf)
-    to = f" to {cover.to_fax}" if cover.to_fax else " (no fax number for the destination)"
+    to = f" to {number}" if number else " (no fax number for the destination)"
     click.echo(f"{path}: fax PDF{to}, {len(pdf)} bytes")
     return True

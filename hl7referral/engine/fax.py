@@ -109,7 +109,7 @@ class FaxAgent:
             except render.RenderError as exc:
                 return self._move(row, Event.SUBMIT_REJECTED, now, f"the fax cannot be rendered: {exc}")
             self.outbox.update(row["id"], event="rendered", at=iso_timestamp(now), detail=f"PDF {len(pdf)} bytes",
-                               payload=pdf, gateway=route.ident)
+                               payload=pdf)
         attempts = (row["attempts"] or 0) + 1
         try:
             job_id = route.gateway.find(row["idempotency_key"]) if row.get("find_first") else None
@@ -169,14 +169,10 @@ class FaxAgent:
         doc = self.outbox.store.get_document(row["document_id"]) if row.get("document_id") else None
         if doc is None or not doc["xml"]:
             raise render.RenderError("no Referral Note stored for this referral")
-        dest = json.loads(doc["destination"] or "{}")
         if self._fonts is None:
-            self._fonts = render.find_fonts([str(p) for p in self.config.font_dirs])
-        cover = render.Cover(to_name=dest.get("name", ""), to_fax=row["recipient"], from_name=self.config.from_name,
-                             from_fax=self.config.from_fax, callback=self.config.callback,
-                             referral_id=row["referral_id"] or "", sent_at=iso_timestamp(now)[:16].replace("T", " "),
-                             **({"notice": self.config.notice} if self.config.notice else {}))
-        return render.render_pdf(doc["xml"], cover, fonts=self._fonts)
+            self._fonts = find_fonts(self.config)
+        return fax_pdf(self.config, doc["xml"], to_name=json.loads(doc["destination"] or "{}").get("name", ""),
+                       to_fax=row["recipient"], referral_id=row["referral_id"] or "", now=now, fonts=self._fonts)
 
     # -- the gateway's answers -----------------------------------------------------------
 
@@ -284,6 +280,20 @@ class FaxAgent:
             self.outbox.alert(kind="fax-failed", referral_id=ref, channel=row.get("channel"), at=iso_timestamp(now),
                               text=f"fax to {row['recipient']} failed: {detail}")
         return t
+
+
+def find_fonts(config: FaxConfig) -> render.Fonts:
+    return render.find_fonts([str(p) for p in config.font_dirs])
+
+
+def fax_pdf(config: FaxConfig, cda: bytes, *, to_name: str, to_fax: str, referral_id: str, now: float,
+            fonts: render.Fonts) -> bytes:
+    """One referral's fax as the gateway gets it: the cover sheet from ``[fax]``, then the note (RenderError)."""
+    cover = render.Cover(to_name=to_name, to_fax=to_fax, from_name=config.from_name, from_fax=config.from_fax,
+                         callback=config.callback, referral_id=referral_id,
+                         sent_at=iso_timestamp(now)[:16].replace("T", " "),
+                         **({"notice": config.notice} if config.notice else {}))
+    return render.render_pdf(cda, cover, fonts=fonts)
 
 
 def _build(table: dict) -> FaxGateway:
