@@ -201,7 +201,7 @@ class FaxAgent:
             fields.update(gateway=job[0], job_id=job[1], sent_at=now, deadline=now + self.config.final_timeout,
                           find_first=0)
         t = step(State(row["state"]), status_event(status.status))
-        if State(t.state) in WAITING:
+        if t.state in WAITING:
             fields["next_attempt_at"] = now + self.config.poll_interval
         if "audit-same" in t.effects and source == "poll" and not job:
             # A poll that only confirms the state: no audit row every poll_interval for a day.
@@ -243,6 +243,8 @@ class FaxAgent:
 
     def apply_callbacks(self, now: float) -> None:
         at = iso_timestamp(now)
+        # received_at is an iso_timestamp (fixed width, UTC): older ones sort before this.
+        given_up_before = iso_timestamp(now - self.config.final_timeout)
         for cb in self.outbox.pending_callbacks():
             row = self.outbox.by_job(cb["gateway"], cb["job_id"]) if cb["job_id"] else None
             if row is None and cb["key"]:
@@ -250,7 +252,7 @@ class FaxAgent:
                 if row is not None and row["job_id"] and row["job_id"] != cb["job_id"]:
                     row = None  # our key with another job id: not this attempt's fax
             if row is None:
-                if now - _seconds(cb["received_at"], now) > self.config.final_timeout:
+                if cb["received_at"] < given_up_before:
                     self.outbox.update_callback(cb["id"], applied_at=at, result="no such job")
                 continue  # it may have overtaken the submit answer: try again next tick
             status = GatewayStatus(Status(cb["status"]), cb["detail"] or "")
@@ -298,11 +300,3 @@ def fax_pdf(config: FaxConfig, cda: bytes, *, to_name: str, to_fax: str, referra
 
 def _build(table: dict) -> FaxGateway:
     return load_gateway(table["gateway"], {k: v for k, v in table.items() if k != "gateway"})
-
-
-def _seconds(iso: str, default: float) -> float:
-    from datetime import datetime
-    try:
-        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-    except (TypeError, ValueError):
-        return default
