@@ -8,7 +8,6 @@ day passes in one ``advance``.
 from __future__ import annotations
 
 import dataclasses
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -23,13 +22,8 @@ from hl7referral.fax.gateway import load_gateway
 from hl7referral.store import Store
 from hl7referral.store.outbox import Outbox
 from reactor_thread import call, running_reactor
+from test_direct_engine import free_port
 from test_fax_agent import T0, queue_fax, referral  # noqa: F401 (referral: the module fixture)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -98,7 +98,7 @@ def due(referral_id: str, events, policy: Policy, calendar: Calendar, now: dt.da
     if delivered is not None:
         fire("notify-patient", PATIENT, delivered, deadline=delivered + policy.notify_patient_hours * hours)
 
-    appointments = [(a_id, a) for a_id, a in facts.appointments]
+    appointments = list(facts.appointments)
     if delivered is not None and not appointments and current not in (State.SEEN, State.CANCEL_REQUESTED):
         for n, after in enumerate(policy.booking_reminder_days, start=1):
             fire(f"booking-reminder-{n}", PATIENT, delivered + after * days)
