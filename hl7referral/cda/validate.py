@@ -71,10 +71,13 @@ class UnsafeXML(ValueError):
     """The input declares a DOCTYPE (DTDs and entities are refused, not resolved)."""
 
 
-def safe_parser() -> etree.XMLParser:
-    """A parser for untrusted XML (a fresh one: lxml parsers are not shared across threads)."""
+def safe_parser(**options) -> etree.XMLParser:
+    """A parser for untrusted XML (a fresh one: lxml parsers are not shared across threads).
+
+    *options* add to the safe ones (e.g. ``remove_comments=True``), never replace them.
+    """
     return etree.XMLParser(
-        resolve_entities=False, no_network=True, load_dtd=False, dtd_validation=False, huge_tree=False
+        **options, resolve_entities=False, no_network=True, load_dtd=False, dtd_validation=False, huge_tree=False
     )
 
 

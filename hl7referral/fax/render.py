@@ -66,6 +66,7 @@ from datetime import datetime, timezone
 from lxml import etree
 
 from ..cda.referral_note import human_ts
+from ..cda.validate import safe_parser
 
 __all__ = ["DEFAULT_NOTICE", "Cover", "Fonts", "RenderError", "callback_number", "find_fonts", "render_pdf"]
 
@@ -212,9 +213,8 @@ _DECLARATION = re.compile(r"^\s*<\?xml[^>]*\?>")
 
 
 def _parse(cda: bytes) -> etree._Element:
-    # resolve_entities=False + load_dtd=False + no_network=True: an external entity is never read.
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False,
-                             remove_comments=True, remove_pis=True)
+    # The project's safe parser: an external entity is never read, nothing is fetched.
+    parser = safe_parser(remove_comments=True, remove_pis=True)
     if isinstance(cda, str):  # text already decoded: its declaration no longer tells the encoding
         cda = _DECLARATION.sub("", cda, count=1).encode("utf-8")
     if not cda or not cda.strip():
