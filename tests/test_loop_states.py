@@ -22,6 +22,7 @@ HAPPY = [
     ev(Kind.BOOKED, "04T08:00:00", appointment="A1", starts="2026-11-20T14:00:00Z", source="SIU^S12"),
     ev(Kind.VISIT_DONE, "20T15:00:00", appointment="A1", source="SIU^S14 completed"),
     ev(Kind.CONSULT_NOTE, "21T11:00:00", source="MDM^T02"),
+    ev(Kind.NOTE_FILED, "21T11:00:09", source="MDM^T02 to the referring EHR, AA"),
 ]
 
 
@@ -30,7 +31,8 @@ def test_the_happy_path_step_by_step():
     for e in HAPPY:
         facts = observe(facts, e)
         seen.append(state(facts))
-    assert seen == [State.SENT, State.DELIVERED, State.ACCEPTED, State.SCHEDULED, State.SEEN, State.CLOSED]
+    assert seen == [State.SENT, State.DELIVERED, State.ACCEPTED, State.SCHEDULED, State.SEEN, State.SEEN,
+                    State.CLOSED]
     assert [s.kind for s in timeline(HAPPY)] == [e.kind.value for e in HAPPY]   # nothing implied
 
 
@@ -45,11 +47,12 @@ def test_a_booking_before_the_accept_schedules_and_records_the_accept_as_implied
     assert not [s for s in timeline(late) if s.kind == "IMPLIED"]
 
 
-def test_a_consult_note_alone_closes_the_loop_and_implies_every_step():
-    steps = timeline([HAPPY[-1]])
-    assert steps[-1].state == State.CLOSED
+def test_a_consult_note_alone_implies_the_visit_and_filing_it_closes_the_loop():
+    steps = timeline([HAPPY[-2]])
+    assert steps[-1].state == State.SEEN
     assert [s.detail.split()[0] for s in steps if s.kind == "IMPLIED"] == ["SENT", "DELIVERED", "ACCEPTED",
                                                                            "SCHEDULED", "SEEN"]
+    assert timeline(HAPPY[-2:])[-1].state == State.CLOSED
 
 
 def test_a_rebooking_after_a_no_show_wins_in_either_order():

@@ -7,7 +7,7 @@ Defaults are the field's (``../shared/DESIGN.md`` §5, issue 6); every threshold
 rule                        due at                              while
 ==========================  ==================================  =========================
 receipt-overdue             sent + 48 h                         not delivered
-notify-patient              delivered (deadline + 1 h)          always, once
+notify-patient              delivered (deadline + 1 h)          not yet booked, once
 booking-reminder-1, -2      delivered + 5 d, + 10 d             nothing booked
 booking-overdue             delivered + 14 d (alert, attempts)  nothing booked
 check-in-reminder           appointment start − 1 d             that appointment booked
@@ -71,15 +71,24 @@ def _first(events: list[Event], *kinds: Kind) -> dt.datetime | None:
     return min(times) if times else None
 
 
-def due(referral_id: str, events, policy: Policy, calendar: Calendar, now: dt.datetime) -> list[Due]:
-    """Every rule due at *now* for this referral (the caller skips keys it has acted on)."""
+FAR = dt.datetime.max.replace(tzinfo=dt.timezone.utc) - dt.timedelta(days=2)
+
+
+def due(referral_id: str, events, policy: Policy, calendar: Calendar, now: dt.datetime,
+        horizon: dt.datetime | None = None) -> list[Due]:
+    """Every rule due at *now* for this referral (the caller skips keys it has acted on).
+
+    With *horizon* (later than *now*), also the rules that will fall due by then if nothing
+    else happens: :func:`next_due` uses it to know when to look at this referral again.
+    """
+    horizon = horizon or now
     events = list({e.key(): e for e in events}.values())
     facts = observe_all(events)
     current = state(facts)
     out: list[Due] = []
 
     def fire(rule: str, action: str, at: dt.datetime | None, suffix: str = "", deadline=None, detail="") -> None:
-        if at is not None and now >= at:
+        if at is not None and horizon >= at:
             out.append(Due(rule, action, at, f"{referral_id}/{rule}" + (f"/{suffix}" if suffix else ""),
                            deadline, detail))
 
@@ -95,7 +104,7 @@ def due(referral_id: str, events, policy: Policy, calendar: Calendar, now: dt.da
     if sent is not None and delivered is None:
         fire("receipt-overdue", ALERT, sent + policy.receipt_hours * hours,
              detail=f"no receipt {policy.receipt_hours:g} h after sending")
-    if delivered is not None:
+    if delivered is not None and current in (State.DELIVERED, State.ACCEPTED):   # not once booked or seen
         fire("notify-patient", PATIENT, delivered, deadline=delivered + policy.notify_patient_hours * hours)
 
     appointments = list(facts.appointments)
@@ -126,3 +135,16 @@ def due(referral_id: str, events, policy: Policy, calendar: Calendar, now: dt.da
         fire("note-escalation", ALERT, calendar.add_business_days(seen, policy.note_escalation_business_days),
              detail=f"no consult note {policy.note_escalation_business_days} business days after the visit")
     return out
+
+
+def next_due(referral_id: str, events, policy: Policy, calendar: Calendar, now: dt.datetime,
+             done: frozenset[str] | set[str] = frozenset()) -> dt.datetime | None:
+    """When this referral next needs a look: the earliest rule not in *done* (may be now or past)."""
+    pending = [d.at for d in due(referral_id, events, policy, calendar, now, horizon=FAR) if d.key not in done]
+    return min(pending) if pending else None
+
+
+def overdue_since(referral_id: str, events, policy: Policy, calendar: Calendar, now: dt.datetime) -> dt.datetime | None:
+    """The earliest escalation (coordinator alert) due at *now*: the referral is overdue since then."""
+    alerts = [d.at for d in due(referral_id, events, policy, calendar, now) if d.action == ALERT]
+    return min(alerts) if alerts else None

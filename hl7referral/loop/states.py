@@ -5,10 +5,10 @@ notice after the rebooking), twice, or not at all. So the state is not stepped e
 event; each event adds a *fact* to :class:`Facts`, and :func:`state` reads the state off
 the facts through one precedence table::
 
-    CLOSED            the consult note (referral outcome) is in
+    CLOSED            the consult note (referral outcome) is filed in the referring chart
     CANCELLED         the recipient confirmed the initiator's cancel
     DECLINED          the recipient declined, and no booking, visit or note contradicts it
-    SEEN              an appointment was completed (the visit happened)
+    SEEN              an appointment was completed, or the consult note came (the visit happened)
     CANCEL_REQUESTED  the initiator asked to cancel (and the recipient has not refused)
     SCHEDULED         the latest appointment is booked
     NO_SHOW           the latest appointment was missed
@@ -74,6 +74,7 @@ class Kind(str, enum.Enum):
     VISIT_DONE = "VISIT_DONE"              # the appointment completed (SIU status, RRI PV1, a visit note)
     INTERIM_NOTE = "INTERIM_NOTE"          # recorded, state unchanged
     CONSULT_NOTE = "CONSULT_NOTE"          # MDM^T02 / C-CDA Consultation Note: the outcome
+    NOTE_FILED = "NOTE_FILED"              # the note is in the referring chart (our MDM^T02 ACKed): loop closed
     CANCEL_REQUESTED = "CANCEL_REQUESTED"  # initiator's OSU ORC-1 CA
     CANCEL_CONFIRMED = "CANCEL_CONFIRMED"  # recipient's OSU ORC-1 CR
     CANCEL_REFUSED = "CANCEL_REFUSED"      # recipient's OSU ORC-1 UC: the referral goes on
@@ -83,7 +84,7 @@ class Kind(str, enum.Enum):
 # the arrival order (a no-show or a cancel is news about a booking; a visit ends it).
 _APPOINTMENT_RANK = {Kind.BOOKED: 1, Kind.NO_SHOW: 2, Kind.APPOINTMENT_CANCELLED: 2, Kind.VISIT_DONE: 3}
 _FLAGS = (Kind.AUTH_REQUIRED, Kind.AUTH_APPROVED, Kind.SENT, Kind.DELIVERED, Kind.ACCEPTED, Kind.DECLINED,
-          Kind.CONSULT_NOTE, Kind.CANCEL_REQUESTED, Kind.CANCEL_CONFIRMED, Kind.CANCEL_REFUSED)
+          Kind.CONSULT_NOTE, Kind.NOTE_FILED, Kind.CANCEL_REQUESTED, Kind.CANCEL_CONFIRMED, Kind.CANCEL_REFUSED)
 _KIND_ORDER = {k: i for i, k in enumerate(Kind)}
 
 
@@ -140,8 +141,10 @@ def state(facts: Facts) -> State:
     f = facts.flags
     appointments = [a for _, a in facts.appointments]
     visited = any(a.status == Kind.VISIT_DONE for a in appointments)
-    if Kind.CONSULT_NOTE in f:
+    if Kind.NOTE_FILED in f:
         return State.CLOSED
+    if Kind.CONSULT_NOTE in f:
+        return State.SEEN  # the outcome is in (so the visit happened); CLOSED once it is filed
     if Kind.CANCEL_CONFIRMED in f:
         return State.CANCELLED
     if Kind.DECLINED in f and not appointments and not facts.interim_notes:
@@ -168,11 +171,12 @@ def state(facts: Facts) -> State:
 # The main path: a step reached without its own event is recorded as implied by the later one.
 _PATH = (State.SENT, State.DELIVERED, State.ACCEPTED, State.SCHEDULED, State.SEEN, State.CLOSED)
 _EVIDENCE = {State.SENT: {Kind.SENT}, State.DELIVERED: {Kind.DELIVERED}, State.ACCEPTED: {Kind.ACCEPTED},
-             State.SCHEDULED: {Kind.BOOKED}, State.SEEN: {Kind.VISIT_DONE}, State.CLOSED: {Kind.CONSULT_NOTE}}
+             State.SCHEDULED: {Kind.BOOKED}, State.SEEN: {Kind.VISIT_DONE}, State.CLOSED: {Kind.NOTE_FILED}}
 # The furthest main-path step an event proves.
 _PROVES = {Kind.SENT: State.SENT, Kind.DELIVERED: State.DELIVERED, Kind.ACCEPTED: State.ACCEPTED,
            Kind.BOOKED: State.SCHEDULED, Kind.NO_SHOW: State.SCHEDULED, Kind.APPOINTMENT_CANCELLED: State.SCHEDULED,
-           Kind.INTERIM_NOTE: State.ACCEPTED, Kind.VISIT_DONE: State.SEEN, Kind.CONSULT_NOTE: State.CLOSED}
+           Kind.INTERIM_NOTE: State.ACCEPTED, Kind.VISIT_DONE: State.SEEN, Kind.CONSULT_NOTE: State.SEEN,
+           Kind.NOTE_FILED: State.CLOSED}
 
 
 @dataclass(frozen=True)
@@ -203,3 +207,24 @@ def timeline(events) -> list[Step]:
         facts = observe(facts, e)
         steps.append(Step(e.at, e.kind.value, state(facts), e.source))
     return steps
+
+
+STAGES = _PATH
+
+
+def stage_times(events) -> dict[State, str]:
+    """When each main-path stage was first reached (own event or implied by a later one), and the final state's time.
+
+    Used for reports (time per stage); the same events in any order give the same times.
+    """
+    unique = {e.key(): e for e in events}
+    out: dict[State, str] = {}
+    for e in sorted(unique.values(), key=lambda e: (e.at, _KIND_ORDER[e.kind])):
+        proved = _PROVES.get(e.kind)
+        if proved is not None:
+            for stage in _PATH[:_PATH.index(proved) + 1]:
+                out.setdefault(stage, e.at)
+        final = {Kind.DECLINED: State.DECLINED, Kind.CANCEL_CONFIRMED: State.CANCELLED}.get(e.kind)
+        if final is not None:
+            out.setdefault(final, e.at)
+    return out

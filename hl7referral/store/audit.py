@@ -34,6 +34,19 @@ def _digest(prev: str, row: dict) -> str:
     return hashlib.sha256(prev.encode("ascii") + b"\n" + body.encode("utf-8")).hexdigest()
 
 
+def append_row(conn, *, at: str, actor: str, event: str, outcome: str, referral_id: str | None = None,
+               source: str = "", detail: str = "") -> int:
+    """Append one row on *conn*, inside a write transaction the caller holds (so it commits with its cause)."""
+    last = conn.execute("SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1").fetchone()
+    row = {"id": (last[0] + 1) if last else 1, "at": at, "actor": actor, "referral_id": referral_id,
+           "event": event, "source": source, "outcome": outcome, "detail": detail}
+    prev = last[1] if last else GENESIS
+    conn.execute(
+        "INSERT INTO audit_log (id, at, actor, referral_id, event, source, outcome, detail, prev_hash, hash) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?)", (*[row[k] for k in _FIELDS], prev, _digest(prev, row)))
+    return row["id"]
+
+
 @dataclass(frozen=True)
 class Verdict:
     ok: bool
@@ -53,14 +66,8 @@ class AuditLog:
                source: str = "", detail: str = "") -> int:
         s = self.store
         with s._lock, s._transaction():
-            last = self.conn.execute("SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1").fetchone()
-            row = {"id": (last[0] + 1) if last else 1, "at": at, "actor": actor, "referral_id": referral_id,
-                   "event": event, "source": source, "outcome": outcome, "detail": detail}
-            prev = last[1] if last else GENESIS
-            self.conn.execute(
-                "INSERT INTO audit_log (id, at, actor, referral_id, event, source, outcome, detail, prev_hash, hash) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?)", (*[row[k] for k in _FIELDS], prev, _digest(prev, row)))
-            return row["id"]
+            return append_row(self.conn, at=at, actor=actor, event=event, outcome=outcome, referral_id=referral_id,
+                              source=source, detail=detail)
 
     def rows(self, *, referral_id: str | None = None, limit: int = 1000) -> list[dict]:
         clause, args = where_equal(referral_id=referral_id)

@@ -200,6 +200,84 @@ def _v5_audit_log(db: sqlite_utils.Database) -> None:
                "BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END")
 
 
+@_migration
+def _v6_loop(db: sqlite_utils.Database) -> None:
+    # One row per referral: its business state and what reports and overdue lists read, kept
+    # up to date with every event (store/loop.py) so a million referrals answer in milliseconds.
+    # Stage times are ISO-8601 UTC; durations (seconds from the stage before) feed percentiles.
+    db["referrals"].create(
+        {"referral_id": str, "created_at": str, "updated_at": str, "message_id": int, "channel": str,
+         "specialty": str, "destination": str, "payer": str, "veterinary": int, "contact": str, "state": str,
+         "state_at": str, "sent_at": str, "delivered_at": str, "accepted_at": str, "scheduled_at": str,
+         "seen_at": str, "closed_at": str, "final_at": str, "d_delivered": float, "d_accepted": float,
+         "d_scheduled": float, "d_seen": float, "d_closed": float, "due_at": str, "overdue_at": str,
+         "auth": str, "auth_number": str},
+        pk="referral_id", not_null={"created_at", "state"}, defaults={"veterinary": 0, "auth": ""},
+    )
+    db["referrals"].create_index(["state", "created_at"], index_name="referrals_state")
+    db["referrals"].create_index(["specialty", "destination", "state"], index_name="referrals_report")
+    db["referrals"].create_index(["created_at"], index_name="referrals_created")
+    db.execute("CREATE INDEX referrals_due ON referrals(due_at) WHERE due_at IS NOT NULL")
+    db.execute("CREATE INDEX referrals_overdue ON referrals(overdue_at) WHERE overdue_at IS NOT NULL")
+    for d in ("d_delivered", "d_accepted", "d_scheduled", "d_seen", "d_closed"):
+        db.execute(f"CREATE INDEX referrals_{d} ON referrals({d}) WHERE {d} IS NOT NULL")
+    # The exact forms under which an inbound message may name a referral (placer id, EI, root|ext).
+    db["referral_keys"].create({"key": str, "referral_id": str, "strength": int}, pk=("key", "referral_id"))
+    # Every event about a referral once: the same message seen twice is one row.
+    db["loop_events"].create(
+        {"id": int, "referral_id": str, "kind": str, "at": str, "appointment": str, "starts": str, "source": str,
+         "received_at": str, "origin": str},
+        pk="id", not_null={"referral_id", "kind", "at"}, defaults={"appointment": "", "starts": "", "source": ""},
+    )
+    db.execute("CREATE UNIQUE INDEX loop_events_once ON loop_events"
+               "(referral_id, kind, at, appointment, starts, source)")
+    # What matched no referral (or could not be read): kept whole, with the reason, until someone resolves it.
+    db["workqueue"].create(
+        {"id": int, "created_at": str, "origin": str, "message_type": str, "keys": str, "reason": str, "raw": bytes,
+         "status": str, "resolved_at": str, "resolved_by": str, "referral_id": str, "resolution": str},
+        pk="id", not_null={"created_at", "origin", "reason", "status"},
+    )
+    db["workqueue"].create_index(["status"], index_name="workqueue_status")
+    # Notes from the specialist (consult / interim), kept whatever their referral's fate.
+    db["notes"].create(
+        {"id": int, "referral_id": str, "received_at": str, "kind": str, "format": str, "media_type": str,
+         "title": str, "content": bytes, "origin": str, "workqueue_id": int, "returned_at": str},
+        pk="id", not_null={"received_at", "kind"},
+    )
+    db["notes"].create_index(["referral_id"], index_name="notes_referral")
+    # Work for people: a review of the returned note, a follow-up, a call to make.
+    db["tasks"].create(
+        {"id": int, "key": str, "created_at": str, "referral_id": str, "kind": str, "owner": str, "text": str,
+         "due_at": str, "done_at": str, "done_by": str, "note": str},
+        pk="id", not_null={"key", "created_at", "kind", "owner", "text"},
+    )
+    db["tasks"].create_index(["key"], index_name="tasks_key", unique=True)
+    db["tasks"].create_index(["done_at", "owner"], index_name="tasks_open")
+    # Every SLA item acted on, once (its key): one stall is one alert, however often timers run.
+    db["sla_actions"].create(
+        {"key": str, "referral_id": str, "rule": str, "action": str, "due_at": str, "fired_at": str, "owner": str,
+         "outcome": str},
+        pk="key", not_null={"referral_id", "rule", "fired_at"},
+    )
+    db["sla_actions"].create_index(["referral_id"], index_name="sla_actions_referral")
+    # Messages to people (coordinators, patients or owners, specialists), sent by notifier plugins.
+    db["notifications"].create(
+        {"id": int, "key": str, "created_at": str, "referral_id": str, "rule": str, "audience": str,
+         "notifier": str, "owner": str, "recipient": str, "subject": str, "body": str, "data": str, "state": str,
+         "attempts": int, "next_attempt_at": float, "sent_at": str, "last_error": str},
+        pk="id", not_null={"key", "created_at", "audience", "owner", "state"}, defaults={"attempts": 0},
+    )
+    db["notifications"].create_index(["key", "notifier"], index_name="notifications_key", unique=True)
+    db["notifications"].create_index(["state", "next_attempt_at"], index_name="notifications_due")
+    # Loop messages (SIU, OSU, RRI, MDM, ACK) are applied after their commit; until then this is NULL,
+    # so a crash between ACK and apply is caught up at the next start.
+    db["messages"].add_column("applied_at", str)
+    # An SLA alert is raised once per item (its key); other alerts have no key.
+    db["alerts"].add_column("key", str)
+    db.execute("CREATE UNIQUE INDEX alerts_key ON alerts(key) WHERE key IS NOT NULL")
+    db.execute("CREATE INDEX messages_unapplied ON messages(channel) WHERE applied_at IS NULL AND status = 'accepted'")
+
+
 _INSERT = (
     "INSERT OR IGNORE INTO messages (received_at, listener, peer, channel, status, "
     "sending_application, sending_facility, message_type, control_id, referral_id, charset, "
@@ -229,7 +307,10 @@ class Store:
         self.conn = conn
         self.db = sqlite_utils.Database(conn)
         self.path = path
-        self._lock = threading.Lock()
+        # Re-entrant, like the transaction: a helper's write inside another's (a loop event
+        # inside an outbox state change) joins the outer transaction instead of deadlocking.
+        self._lock = threading.RLock()
+        self._depth = 0
 
     @classmethod
     def open(cls, path: str | Path, *, busy_timeout_ms: int = 5000, readonly: bool = False,
@@ -299,16 +380,33 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
+        """One write transaction; nested uses join the outermost (which alone commits or rolls back)."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
         self.conn.execute("BEGIN IMMEDIATE")
+        self._depth = 1
         try:
             yield
         except BaseException:
+            self._depth = 0
             try:
                 self.conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
             raise
+        self._depth = 0
         self.conn.execute("COMMIT")
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Several helpers' writes as one transaction (each helper's own joins this one)."""
+        with self._lock, self._transaction():
+            yield
 
     def commit_batch(self, records: Iterable[Inbound]) -> list[Outcome]:
         """Store every record in one transaction (group commit). See invariants."""

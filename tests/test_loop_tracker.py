@@ -1,0 +1,120 @@
+"""The tracker over a real store: referrals opened, events applied, SLA items acted on once, auth holds."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+
+from hl7referral.config.loop import LoopConfig, Rule
+from hl7referral.loop.calendar import UTC, Calendar
+from hl7referral.loop.sla import Policy
+from hl7referral.loop.states import Event, Kind, State
+from hl7referral.loop.tracker import Tracker, iso
+from hl7referral.store import Store
+from hl7referral.store.audit import AuditLog
+
+FACTS = {"email": "pat@example.test", "phone": "+1-555-0100", "specialist": "Cardiology Associates",
+         "purpose": "chest pain", "payer": "ACME Health"}
+
+
+def t(day: int, hour: int = 0, minute: int = 0) -> dt.datetime:
+    return dt.datetime(2026, 12, day, hour, minute, tzinfo=UTC)
+
+
+def render(audience, rule, row, values, owner):
+    """The notify layer's part, reduced: coordinators by email, patients only with an address."""
+    if audience == "coordinator":
+        return [("email", f"{owner}@clinic.test", f"{rule} {row['referral_id']}", "body")]
+    email = json.loads(row["contact"]).get("email")
+    return [("email", email, rule, "body")] if email else []
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store.open(tmp_path / "loop.db")
+    yield s
+    s.close()
+
+
+def tracker(store, **config) -> Tracker:
+    return Tracker(store, LoopConfig(calendar=Calendar(holidays=frozenset({dt.date(2026, 12, 25)})), **config),
+                   render=render)
+
+
+def sent(tr: Tracker, ref: str, at: dt.datetime) -> None:
+    tr.open(ref, now=at, channel="ref-i12", facts=FACTS, specialty="cardiology", destination="Cardio")
+    tr.transport_event(ref, Kind.SENT, at=iso(at), source="outbox #1", now=at)
+
+
+def test_receipt_overdue_is_one_owned_alert_at_48_hours_however_often_timers_run(store):
+    tr = tracker(store)
+    sent(tr, "R1", t(1, 9))
+    assert tr.run_timers(t(3, 8, 59)) == []
+    acted = tr.run_timers(t(3, 9))
+    assert [(a.rule, a.owner) for a in acted] == [("receipt-overdue", "role:referral-coordinators")]
+    for _ in range(3):
+        assert tr.run_timers(t(3, 10)) == [] and tr.evaluate("R1", t(4)) == []
+    alerts = tr.loop.alerts("R1")
+    assert [(a["kind"], a["owner"]) for a in alerts] == [("sla-receipt-overdue", "role:referral-coordinators")]
+    assert [r["referral_id"] for r in tr.loop.referrals(overdue=True)] == ["R1"]
+    # Receipt arrives: the referral is no longer overdue once the timers look again.
+    tr.transport_event("R1", Kind.DELIVERED, at=iso(t(3, 11)), source="mdn processed", now=t(3, 11))
+    tr.run_timers(t(3, 11))
+    assert tr.loop.referrals(overdue=True) == []
+
+
+def test_patient_notice_without_an_address_becomes_a_task_for_the_owner(store):
+    tr = Tracker(store, LoopConfig(owners=((Rule(specialty="cardiology"), "alice"),)), render=render)
+    tr.open("R2", now=t(1), channel="ref-i12", facts={**FACTS, "email": ""}, specialty="cardiology")
+    tr.transport_event("R2", Kind.DELIVERED, at=iso(t(1, 1)), source="mdn", now=t(1, 1))
+    acted = tr.run_timers(t(1, 1))
+    assert [(a.rule, a.how, a.owner) for a in acted] == [("notify-patient", "task", "alice")]
+    task = tr.loop.tasks(referral_id="R2")[0]
+    assert task["owner"] == "alice" and task["due_at"] == "2026-12-01T02:00:00Z"
+
+
+def test_patient_notice_with_an_address_is_queued_once(store):
+    tr = tracker(store)
+    tr.open("R3", now=t(1), channel="ref-i12", facts=FACTS)
+    tr.transport_event("R3", Kind.DELIVERED, at=iso(t(1, 1)), source="mdn", now=t(1, 1))
+    tr.run_timers(t(1, 1))
+    tr.run_timers(t(1, 2))
+    rows = tr.loop.notifications(referral_id="R3")
+    assert [(n["rule"], n["audience"], n["state"]) for n in rows] == [("notify-patient", "patient", "pending")]
+
+
+def test_thresholds_per_specialty_and_payer(store):
+    fast = Policy(receipt_hours=4.0)
+    tr = tracker(store, overrides=((Rule(specialty="cardiology", payer="ACME Health"), fast),))
+    sent(tr, "R4", t(1, 9))
+    assert [a.rule for a in tr.run_timers(t(1, 13))] == ["receipt-overdue"]
+    tr.open("R5", now=t(1, 9), channel="ref-i12", facts={**FACTS, "payer": "Other"}, specialty="cardiology")
+    tr.transport_event("R5", Kind.SENT, at=iso(t(1, 9)), source="outbox", now=t(1, 9))
+    assert tr.run_timers(t(1, 13)) == []
+
+
+def test_a_payer_rule_holds_the_referral_until_approved(store):
+    from hl7referral.config.loop import Rule as R
+    tr = tracker(store, auth=((R(payer="ACME Health", specialty="cardiology"), True),))
+    assert tr.open("R6", now=t(1), channel="ref-i12", facts=FACTS, specialty="cardiology") == State.AUTH_PENDING
+    assert tr.held("R6")
+    assert tr.approve("R6", number="AUTH-77", now=t(2), actor="cli:alice") == State.RECEIVED
+    assert not tr.held("R6") and tr.loop.get("R6")["auth_number"] == "AUTH-77"
+    # An authorization number in the message itself means nothing is held.
+    assert tr.open("R7", now=t(1), channel="ref-i12", facts={**FACTS, "authorization": "A1"},
+                   specialty="cardiology") == State.RECEIVED
+
+
+def test_every_event_is_audited_and_the_chain_verifies(store):
+    tr = tracker(store)
+    sent(tr, "R8", t(1, 9))
+    tr.loop.apply("R8", [Event(Kind.BOOKED, iso(t(2)), appointment="A1", starts=iso(t(9)))], at=iso(t(2)),
+                  actor="test")
+    tr.loop.apply("R8", [Event(Kind.BOOKED, iso(t(2)), appointment="A1", starts=iso(t(9)))], at=iso(t(2)),
+                  actor="test")   # a duplicate: no new row
+    rows = AuditLog(store).rows(referral_id="R8")
+    assert [r["event"] for r in rows] == ["RECEIVED", "SENT", "BOOKED"]
+    assert rows[-1]["outcome"] == "SCHEDULED"
+    assert AuditLog(store).verify().ok
