@@ -40,7 +40,7 @@ def test_every_command_has_help(cmd):
 def test_check_embedded_defaults(tmp_path):
     r = run("check", cwd=tmp_path)
     assert r.returncode == 0
-    assert r.stdout.startswith("ok: <embedded defaults>: 1 listener(s), 4 channel(s), 3 mapping(s)")
+    assert r.stdout.startswith("ok: <embedded defaults>: 1 listener(s), 5 channel(s), 3 mapping(s)")
 
 
 def test_check_reports_file_line_key(tmp_path):

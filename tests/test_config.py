@@ -26,7 +26,8 @@ def test_embedded_defaults():
     cfg = load_engine()
     (lc,) = cfg.listeners
     assert lc.endpoint == "tcp:2575:interface=127.0.0.1" and lc.max_frame_bytes == 16 * 1024 * 1024
-    assert {c.name for c in cfg.channels} == {"ref-i12", "orm-o01", "omg-o19", "vet-ref-i12"}
+    assert {c.name for c in cfg.channels} == {"ref-i12", "orm-o01", "omg-o19", "vet-ref-i12", "loop-events"}
+    assert [c.name for c in cfg.channels if c.tracker] == ["loop-events"]
     assert cfg.store_path.name == "hl7referral.db"
 
 

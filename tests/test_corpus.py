@@ -19,27 +19,27 @@ from hl7referral.v2.header import read_header
 # file: (MSA-1 or None for "no accept ACK requested", ERR-3 code or None, stored status)
 EXPECTED = {
     "ACK_hapi_messages_txt_v21.hl7": ("AR", "200", "rejected"),          # an ACK is not a referral
-    "MDM_T02_msfhirconv_01.hl7": ("AR", "200", "rejected"),              # MDM not on the referral listener
+    "MDM_T02_msfhirconv_01.hl7": ("AA", None, "accepted"),               # a consult note: the loop tracker's
     "OMG_O19_360x_referral_request_nhapi.hl7": (None, None, "accepted"),  # 360X: MSH-15 NE, stored, no ACK
     "OMG_O19_msfhirconv_01.hl7": ("AE", "101", "rejected"),              # ORC-2 and OBR-2 both empty
     "ORM_O01_hapi_NewPipeParserTest_v231.hl7": ("AR", "202", "rejected"),  # MSH-11 = '1'
     "ORM_O01_hapi_messages_txt_NW_v22.hl7": ("CA", None, "accepted"),    # MSH-15 AL: enhanced mode
     "ORM_O01_msfhirconv_01.hl7": ("AA", None, "accepted"),
-    "OSU_O51_360x_cancel_nhapi.hl7": (None, None, "rejected"),           # NE: no ACK even for AR/200
+    "OSU_O51_360x_cancel_nhapi.hl7": (None, None, "accepted"),           # 360X cancel, NE: stored, no ACK
     "REF_I11_v2plus_ch11_deferred_example.hl7": ("CR", "201", "rejected"),  # I11 is not I12; MSH-15 AL
     "REF_I11_v2plus_ch11_immediate_example.hl7": (None, None, "rejected"),  # MSH-15 NE
     "REF_I12_hapi_NewPipeParserTest.hl7": ("AR", "202", "rejected"),     # MSH-10 and MSH-11 empty
     "REF_I12_msfhirconv_01.hl7": ("AA", None, "accepted"),
     "REF_I12_msfhirconv_02.hl7": ("AA", None, "accepted"),
-    "RRI_I11_v2plus_ch11_deferred_response.hl7": ("CR", "200", "rejected"),  # MSH-15 ER
-    "RRI_I11_v2plus_ch11_immediate_response.hl7": ("CR", "200", "rejected"),
-    "SIU_S12_msfhirconv_01.hl7": ("AR", "200", "rejected"),
-    "SIU_S13_msfhirconv_01.hl7": ("AR", "200", "rejected"),
-    "SIU_S14_hapi_NewPipeParserTest_v23.hl7": ("AR", "200", "rejected"),
-    "SIU_S14_msfhirconv_01.hl7": ("AR", "200", "rejected"),
-    "SIU_S15_msfhirconv_01.hl7": ("AR", "200", "rejected"),
-    "SIU_S26_360x_noshow_nhapi.hl7": (None, None, "rejected"),
-    "SIU_S26_msfhirconv_01.hl7": ("AR", "200", "rejected"),
+    "RRI_I11_v2plus_ch11_deferred_response.hl7": ("CR", "201", "rejected"),  # RRI is routed, I11 is not; MSH-15 ER
+    "RRI_I11_v2plus_ch11_immediate_response.hl7": ("CR", "201", "rejected"),
+    "SIU_S12_msfhirconv_01.hl7": ("AA", None, "accepted"),   # SIU goes to the loop tracker
+    "SIU_S13_msfhirconv_01.hl7": ("AA", None, "accepted"),
+    "SIU_S14_hapi_NewPipeParserTest_v23.hl7": ("AA", None, "accepted"),
+    "SIU_S14_msfhirconv_01.hl7": ("AA", None, "accepted"),
+    "SIU_S15_msfhirconv_01.hl7": ("AA", None, "accepted"),
+    "SIU_S26_360x_noshow_nhapi.hl7": (None, None, "accepted"),
+    "SIU_S26_msfhirconv_01.hl7": ("AA", None, "accepted"),
 }
 
 

@@ -15,6 +15,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from .notify import NOTIFY_SCHEMA, NotifyConfig, parse_notify
 from .schema import ConfigError, locate, toml_error_line, validate
 
 TRANSPORTS = ("direct", "fax")
@@ -26,6 +27,8 @@ CHANNEL_SCHEMA = {
     "source": {"listener": str, "accept": [str], "sending_facilities": [str]},
     "ack": {"mode": ("after-store", "after-mapping")},
     "destination": {"by": ("named", "specialty", "npi"), "name": str, "specialty": str},
+    "tracker": bool,   # loop messages (SIU, OSU, RRI, MDM): applied to referrals, no document built
+    "notify": NOTIFY_SCHEMA,   # the channel's own notifiers, owners and templates (over the engine's)
     "fax": dict,   # the channel's own fax gateway table (gateway = "http-fax", ...); its plugin checks the keys
 }
 _KIND = re.compile(r"^[A-Z][A-Z0-9]{2}\^[A-Z0-9]{3}$")
@@ -46,6 +49,8 @@ class ChannelConfig:
     destination_name: str = ""
     destination_specialty: str = ""
     fax: dict = dataclasses.field(default_factory=dict, compare=False)
+    tracker: bool = False
+    notify: NotifyConfig = dataclasses.field(default_factory=NotifyConfig, compare=False)
     text: str = dataclasses.field(default="", repr=False, compare=False)
 
     def line_of(self, key: str) -> int:
@@ -86,6 +91,9 @@ def load_channel(path: Path) -> ChannelConfig:
     ack_mode = data.get("ack", {}).get("mode", "after-store")
     if ack_mode == "after-mapping" and "mapping" not in data:
         raise ConfigError(file, locate(text, "ack.mode"), "ack.mode", "after-mapping needs a mapping = \"...\"")
+    if data.get("tracker") and "mapping" in data:
+        raise ConfigError(file, locate(text, "tracker"), "tracker",
+                          "a tracker channel applies loop events and builds no document: remove mapping")
     dest = data.get("destination", {})
     by = dest.get("by", "")
     if dest and not by:
@@ -102,6 +110,8 @@ def load_channel(path: Path) -> ChannelConfig:
         destination_by=by, destination_name=dest.get("name", ""),
         destination_specialty=dest.get("specialty", ""),
         fax=dict(data.get("fax", {})),
+        tracker=bool(data.get("tracker", False)),
+        notify=parse_notify(data.get("notify", {}), file, text, partial=True),
     )
 
 

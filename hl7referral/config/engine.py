@@ -21,6 +21,8 @@ from typing import Any
 from .channels import ChannelConfig, check_routes, load_channels
 from .direct import DIRECT_SCHEMA, DirectConfig, load_direct
 from .fax import FAX_SCHEMA, FaxConfig, gateway_table, load_fax
+from .loop import LOOP_SCHEMA, LoopConfig, load_loop
+from .notify import NOTIFY_SCHEMA, NotifyConfig, merge as merge_notify, parse_notify
 from .directory import Directory, load_directory
 from .schema import ConfigError, toml_error_line, validate
 
@@ -54,6 +56,8 @@ ENGINE_SCHEMA = {
     "listeners": [LISTENER_SCHEMA],
     "direct": DIRECT_SCHEMA,
     "fax": FAX_SCHEMA,
+    "loop": LOOP_SCHEMA,
+    "notify": NOTIFY_SCHEMA,
 }
 
 
@@ -93,6 +97,8 @@ class EngineConfig:
     local_root: str = "2.16.840.1.113883.19"
     direct: DirectConfig = field(default_factory=DirectConfig)
     fax: FaxConfig = field(default_factory=FaxConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
 
     def channels_for(self, listener: str) -> list[ChannelConfig]:
         return [c for c in self.channels if c.listener == listener]
@@ -213,8 +219,10 @@ def load_engine(
         raise ConfigError(source, 0, "cda.local_root", f"{local_root!r} is not an OID")
     fax = load_fax(data.get("fax", {}), defaults.get("fax", {}), source, "" if overrides else text,
                    lambda value: _resolve(base, value))
+    notify = parse_notify(data.get("notify", {}), source, "" if overrides else text)
     for ch in channels:
         _check_channel(ch, mappings, directory, fax)
+        merge_notify(notify, ch.notify)   # a channel's [notify] must make sense on top of the engine's
     known = {lc.name for lc in listeners}
     # With --listen, every channel goes to the (renamed) first listener.
     for ch in channels:
@@ -242,6 +250,8 @@ def load_engine(
         direct=load_direct(data.get("direct", {}), defaults.get("direct", {}), source,
                            lambda value: _resolve(base, value)),
         fax=fax,
+        notify=notify,
+        loop=load_loop(data.get("loop", {}), defaults.get("loop", {}), source, "" if overrides else text),
     )
 
 

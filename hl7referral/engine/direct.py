@@ -88,6 +88,8 @@ class DirectAgent:
         self.policy: TrustPolicy | None = None
         # Channels whose transports list fax after direct (None: every channel, as in unit tests).
         self.fax_after_direct: set[str] | None = None
+        # (documents, content, mail id, now) -> None: the loop tracker reads what came (DirectService sets it).
+        self.on_documents = None
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -308,6 +310,9 @@ class DirectAgent:
         names = ", ".join(n for n, _ in documents) or "no documents"
         self.outbox.update_mail(mail_id, event=f"direct-{status}", at=at, status=status, kind="direct",
                                 from_address=from_address, trust=trust, processed_at=at, detail=names)
+        if documents and self.on_documents is not None:
+            # 360X answers (OSU, MDM, a Consultation Note) move their referral; unknown ones are parked.
+            self.on_documents(documents, content, mail_id, now)
         if message_id and from_address:
             self.queue_mdn(outer, "processed", now, mail_id)
             if delivered and mdnlib.wants_final_delivery(outer):

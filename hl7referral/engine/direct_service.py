@@ -29,11 +29,14 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from ..config import EngineConfig
+from ..loop import correlate
+from ..loop.states import Kind
+from ..loop.tracker import Tracker
 from ..direct import packet
 from ..store import Store
 from ..store.outbox import Outbox
 from . import smtp_client
-from .direct import DirectAgent, DirectUnavailable, Enqueued
+from .direct import DirectAgent, DirectUnavailable, Enqueued, utc
 from .ingest import iso_timestamp
 
 TICK = 1.0  # seconds between outbox and timer checks
@@ -52,6 +55,10 @@ class DirectService(Service):
         self.agent.fax_after_direct = {c.name for c in config.channels if "direct" in c.transports
                                        and "fax" in c.transports[c.transports.index("direct") + 1:]}
         self.channels = {c.name: c for c in config.channels}
+        self.tracker = Tracker(store, config.loop)   # on the Direct thread, with its connection
+        self.osu_tables = correlate.load_tables(config.loop.osu)
+        self.agent.on_documents = self._loop_documents
+        self.on_note = None   # (referral id, note id), called on the reactor: the note's way back
         self.send = send or smtp_client.send
         self.enabled = False
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name="hl7referral-direct")
@@ -120,6 +127,27 @@ class DirectService(Service):
 
     def _thread(self, fn, *args, **kw) -> Deferred:
         return deferToThreadPool(self.reactor, self.pool, fn, *args, **kw)
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def _loop_documents(self, documents, content: bytes, mail_id: int, now: float) -> None:
+        """Direct thread: read a 360X answer (v2 messages, C-CDA documents) and apply it to its referral."""
+        messages = [data for name, data in documents if data.lstrip()[:4] == b"MSH|"]
+        cdas = [data for name, data in documents if b"ClinicalDocument" in data[:4096]]
+        if not messages and not cdas:
+            return
+        obs = correlate.read_package(messages, cdas, osu_table=self.osu_tables, zone=self.config.loop.calendar.zone,
+                                     local_root=self.config.local_root)
+        out = self.tracker.observe(obs, now=utc(now), origin=f"mail #{mail_id}", raw=content)
+        if out.referral_id is None:
+            self.log.warn("ALERT Direct mail #{mid} ({type}) parked in the work queue #{item}: {why}", mid=mail_id,
+                          type=obs.message_type, item=out.workqueue_id, why=out.reason)
+            return
+        self.log.info("referral {ref}: {type} by Direct (mail #{mid}) {before} -> {after}", ref=out.referral_id,
+                      type=obs.message_type, mid=mail_id, before=out.before.value, after=out.after.value)
+        if out.note_id is not None and self.on_note is not None and \
+                any(e.kind == Kind.CONSULT_NOTE for e in obs.events):
+            self.reactor.callFromThread(self.on_note, out.referral_id, out.note_id)
 
     # -- outbound --------------------------------------------------------------------
 

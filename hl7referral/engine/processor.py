@@ -57,6 +57,8 @@ class Processor:
         self._stopping = False
         self.counts = dict(ready=0, parked=0)
         self.on_ready = None  # called with the saved document (the transports: Direct, fax)
+        self.loop = None      # the loop tracker (LoopService): opens each referral, holds those awaiting auth,
+        #                       and takes the messages of tracker channels
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -105,6 +107,9 @@ class Processor:
                                  codec=codec)
 
     def submit(self, message_id: int, channel_name: str, raw: bytes, codec: str = "ascii") -> None:
+        if self.loop is not None and channel_name in self.loop.channels:
+            self.loop.submit(message_id, channel_name, raw, codec)
+            return
         if channel_name in self.channels and not self._stopping and message_id not in self._queued:
             self._queued.add(message_id)
             self._backlog.append((message_id, channel_name, raw, codec))
@@ -149,14 +154,58 @@ class Processor:
         else:
             self.log.warn("ALERT referral {ref} (message #{mid}, channel {ch}) parked: {why}",
                           ref=p.referral_id or "?", mid=message_id, ch=channel, why="; ".join(p.reasons))
-        d = self.committer.run(lambda store: store.save_document(
-            message_id=message_id, channel=channel, referral_id=p.referral_id, status=p.status,
-            xml=p.document, destination=destination, reasons=p.reasons, created_at=now))
-        if p.status == "ready" and self.on_ready is not None:
-            d.addCallback(lambda document_id: self.on_ready(
-                document_id=document_id, channel=channel, referral_id=p.referral_id, cda=p.document, raw=raw,
-                destination=dest, referral=p.referral))
-        return d
+        loop = self.loop
+
+        def save(store):
+            # The referral first: if the engine stops between the two, the message is built again
+            # (it has no document) and opening the referral a second time changes nothing.
+            held = False
+            if loop is not None and p.referral_id:
+                held = loop.open_referral(store, referral_id=p.referral_id, channel=channel, message_id=message_id,
+                                          referral=p.referral, destination=dest)
+            return store.save_document(
+                message_id=message_id, channel=channel, referral_id=p.referral_id, status=p.status,
+                xml=p.document, destination=destination, reasons=p.reasons, created_at=now), held
+
+        d = self.committer.run(save)
+
+        def ready(result):
+            document_id, held = result
+            if held:
+                self.log.info("referral {ref}: held for prior authorization (AUTH_PENDING)", ref=p.referral_id)
+            elif p.status == "ready" and self.on_ready is not None:
+                return self.on_ready(document_id=document_id, channel=channel, referral_id=p.referral_id,
+                                     cda=p.document, raw=raw, destination=dest, referral=p.referral)
+        return d.addCallback(ready)
+
+    def release(self, referral_id: str) -> Deferred:
+        """A referral held for authorization was approved: hand its ready document to the transports."""
+        def load(store):
+            doc = store.db.query("SELECT d.id, d.channel, d.xml, m.raw, m.charset FROM documents d JOIN messages m "
+                                 "ON m.id = d.message_id WHERE d.referral_id = ? AND d.status = 'ready' "
+                                 "ORDER BY d.id DESC LIMIT 1", [referral_id])
+            return next(iter(doc), None)
+
+        def remap(row):
+            if row is None:
+                self.log.warn("referral {ref}: approved, but no ready document to send", ref=referral_id)
+                return None
+            return self._in_thread(self._remap, row).addCallback(send, row)
+
+        def send(mapped, row):
+            referral, dest = mapped
+            if self.on_ready is not None:
+                return self.on_ready(document_id=row["id"], channel=row["channel"], referral_id=referral_id,
+                                     cda=row["xml"], raw=row["raw"], destination=dest, referral=referral)
+        return self.committer.run(load).addCallback(remap)
+
+    def _remap(self, row: dict):
+        # The stored document is what goes; the model only gives the transports the patient id and
+        # the destination (the same mapping and directory as when it was built).
+        from ..destination import resolve
+        channel = self.channels[row["channel"]]
+        referral = self.pipeline.mappings[channel.mapping].map_bytes(row["raw"], row["charset"] or "ascii").referral
+        return referral, resolve(channel, self.config.directory, referral)
 
     def _failed(self, failure, message_id: int, channel: str) -> None:
         # Only the store can fail here; the message stays without a document and

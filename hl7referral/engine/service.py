@@ -24,7 +24,10 @@ from .ingest import Ingest, policy_for
 from .mllp import MLLPServerFactory
 from .direct_service import DirectService
 from .fax_service import FaxService
+from .loop_service import LoopService
+from .notify_service import NotifyService, make_render
 from .processor import Processor
+from .return_leg import ReturnService
 
 
 CHECKPOINT_INTERVAL = 1.0  # seconds between background WAL checkpoints
@@ -49,8 +52,8 @@ class EngineService(MultiService):
         self._checkpoints = LoopingCall(self._checkpoint)
         self._checkpoints.clock = reactor
         self.committer = GroupCommitter(self.store, lambda f, *a: reactor.callFromThread(f, *a))
-        self.processor = Processor(config, self.committer, reactor) if any(c.mapping for c in config.channels) \
-            else None
+        self.processor = Processor(config, self.committer, reactor) \
+            if any(c.mapping or c.tracker for c in config.channels) else None
         after_mapping = frozenset(c.name for c in config.channels if c.ack_mode == "after-mapping")
         self.listeners: list[tuple[object, MLLPServerFactory, object]] = []
         for lc in config.listeners:
@@ -72,8 +75,22 @@ class EngineService(MultiService):
         self.fax = FaxService(config, self.fax_store, reactor)
         self.fax.setServiceParent(self)
         self.direct.on_fax = self.fax.tick
+        # The loop tracker writes through the committer (the writer's connection).
+        self.loop = LoopService(config, self.committer, self.store, reactor, render=make_render(config))
+        self.loop.setServiceParent(self)
+        self.returns = ReturnService(config, self.committer, reactor)   # the note back to the referring chart
+        self.returns.setServiceParent(self)
+        self.loop.on_note = self.returns.on_note
+        self.direct.on_note = self.returns.on_note
+        # Notifications leave on their own thread and connection: a slow relay holds up nothing else.
+        self.notify_store = Store.open(config.store_path, busy_timeout_ms=config.busy_timeout_ms,
+                                       autocheckpoint=False)
+        self.notify = NotifyService(config, self.notify_store, reactor)
+        self.notify.setServiceParent(self)
         if self.processor is not None:
             self.processor.on_ready = self.direct.dispatch
+            self.processor.loop = self.loop
+            self.loop.on_release = self.processor.release
         self.ports: list = []
         self.ready: Deferred = Deferred()
 
@@ -138,6 +155,7 @@ class EngineService(MultiService):
         self.checkpointer.close()
         self.transport_store.close()
         self.fax_store.close()
+        self.notify_store.close()
         self.store.close()
 
     def _checkpoint(self):

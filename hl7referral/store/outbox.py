@@ -19,9 +19,16 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+from ..loop.states import Kind
 from .sqlite import Store, where_equal
 
 ACTIVE = ("QUEUED", "RETRY_WAIT")
+# (transport, outbox kind, new state) -> the loop event it is (store/loop.py): a packet that left is
+# SENT, a processed MDN or a delivered fax is receipt, an ACKed consult note is filed in the chart.
+LOOP_EVENTS = {("direct", "referral", "SENT"): Kind.SENT, ("direct", "referral", "MDN_PROCESSED"): Kind.DELIVERED,
+               ("direct", "referral", "MDN_DISPATCHED"): Kind.DELIVERED, ("fax", "referral", "SUBMITTED"): Kind.SENT,
+               ("fax", "referral", "DELIVERED"): Kind.DELIVERED,
+               ("mllp", "consult-note", "DELIVERED"): Kind.NOTE_FILED}
 WAITING_FOR_MDN = ("SENT", "MDN_PROCESSED")
 
 _OUTBOX_LIST = ("id, created_at, idempotency_key, referral_id, document_id, channel, transport, kind, sender, "
@@ -127,9 +134,16 @@ class Outbox:
         fields["updated_at"] = at
         sets = ", ".join(f"{k} = ?" for k in fields)
         self.conn.execute(f"UPDATE outbox SET {sets} WHERE id = ?", [*fields.values(), outbox_id])
-        referral = self.conn.execute("SELECT referral_id, state FROM outbox WHERE id = ?", (outbox_id,)).fetchone()
+        referral = self.conn.execute("SELECT referral_id, state, transport, kind FROM outbox WHERE id = ?",
+                                     (outbox_id,)).fetchone()
         self._event(outbox_id, mail_id, referral[0] if referral else None, event,
                     referral[1] if referral else None, detail, at)
+        loop_kind = LOOP_EVENTS.get((referral[2], referral[3], fields.get("state"))) if referral else None
+        if loop_kind is not None and referral[0]:
+            # The referral's business state moves in the same transaction as its packet's.
+            from .loop import Loop
+            Loop(self.store).apply_if_known(referral[0], loop_kind, at=at[:19] + "Z",
+                                            source=f"{referral[2]} outbox #{outbox_id} {fields['state']}")
 
     def get(self, outbox_id: int) -> dict | None:
         rows = list(self.store.db.query("SELECT * FROM outbox WHERE id = ?", [int(outbox_id)]))

@@ -1,0 +1,197 @@
+"""The note goes back to the referring chart: MDM^T02 over outbound MLLP, from a durable outbox.
+
+A consult note that arrives for a known referral becomes one outbox row (transport ``mllp``,
+kind ``consult-note``, message id = the MDM's MSH-10). This service sends due rows through
+an :class:`~hl7referral.engine.mllp_client.MLLPSender` and records each answer; the
+outbox's own hook turns a DELIVERED consult note into the referral's NOTE_FILED event,
+which closes the loop (state CLOSED), in the same transaction.
+
+Without ``[loop.return] endpoint`` the note cannot be carried back: a "file the note" task
+goes to the referral's owner, and marking it done files the note (CLOSED).
+
+Invariants
+----------
+* Nothing is delivered without its own ACK: only an ``accept`` whose MSA-2 equals the row's
+  control id marks the row DELIVERED (the sender's guarantee); AE/AR mark it FAILED with a
+  coordinator alert (the EHR refused it: sending the same bytes again will not help);
+  timeouts and dropped connections retry with backoff, then FAILED with an alert.
+* The MDM for a note is built once (idempotency key ``referral/mllp/note-N``): every
+  retry sends the same bytes with the same MSH-10, so a receiver's dedup recognises it.
+* One send per row at a time; store writes go through the committer.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import MultiService
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from ..config import EngineConfig
+from ..store.loop import Loop
+from ..store.outbox import Outbox
+from ..v2.ack_match import ACCEPT
+from ..v2.mdm import ConsultNote, build_mdm_t02
+from .ingest import hl7_timestamp, iso_timestamp
+from .mllp_client import MLLPSender, SendFailed
+
+TICK = 1.0
+
+
+def ei(referral_id: str) -> str:
+    """The stored referral id ("ext@root") as an HL7 EI ("ext^^root^ISO")."""
+    ext, _, root = referral_id.rpartition("@")
+    return f"{ext}^^{root}^ISO" if ext and root else referral_id
+
+
+def patient_fields(raw: bytes, codec: str) -> dict[str, str]:
+    """PID-3 and PID-5 of the referral as the referring EHR sent them (ER7, unchanged): its own ids."""
+    import hl7
+    try:
+        message = hl7.parse(raw.decode(codec, "replace").replace("\r\n", "\r").replace("\n", "\r"))
+        pid = message.segment("PID")
+    except (KeyError, IndexError, hl7.exceptions.ParseException, ValueError):
+        return {}
+    return {"ids": str(pid(3)) if len(pid) > 3 else "", "name": str(pid(5)) if len(pid) > 5 else ""}
+
+
+class ReturnService(MultiService):
+    log = Logger()
+
+    def __init__(self, config: EngineConfig, committer, reactor, *, clock=None, interval: float = TICK) -> None:
+        super().__init__()
+        self.config = config
+        self.leg = config.loop.return_leg
+        self.committer = committer
+        self.reactor = reactor
+        self.clock = clock or reactor
+        self.sender = None
+        if self.leg.endpoint:
+            self.sender = MLLPSender(self.leg.endpoint, reactor, ack_timeout=self.leg.ack_timeout, name="return")
+            self.sender.setServiceParent(self)
+        self.timer = LoopingCall(self.tick)
+        self.timer.clock = self.clock
+        self.interval = interval
+        self._sending: set[int] = set()
+        self.counts = dict(delivered=0, retry=0, failed=0)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.sender is not None:
+            self.timer.start(self.interval, now=True)
+
+    def stopService(self):
+        if self.timer.running:
+            self.timer.stop()
+        return super().stopService()
+
+    # -- a note in -------------------------------------------------------------------------
+
+    def on_note(self, referral_id: str, note_id: int):
+        """A consult note for *referral_id* was kept: queue its way back (or a task to file it)."""
+        now = self.clock.seconds()
+        d = self.committer.run(lambda store: self._enqueue(store, referral_id, note_id, now))
+        d.addCallback(lambda how: self.log.info("referral {ref}: consult note #{nid} {how}", ref=referral_id,
+                                                nid=note_id, how=how))
+        d.addErrback(lambda f: self.log.failure("queueing note #{nid} for its way back", f, nid=note_id))
+        if self.sender is not None:
+            d.addCallback(lambda _: self.tick())
+        return d
+
+    def _enqueue(self, store, referral_id: str, note_id: int, now: float) -> str:
+        loop = Loop(store)
+        at = iso_timestamp(now)
+        row = loop.get(referral_id) or {}
+        if self.sender is None:
+            owner = self.config.loop.owner_for(row.get("channel") or "", row.get("payer") or "",
+                                               row.get("specialty") or "")
+            loop.add_task(key=f"{referral_id}/file-note/{note_id}", at=at, referral_id=referral_id, kind="file-note",
+                          owner=owner, text=f"File consult note #{note_id} in the referring chart (no return "
+                                            f"interface is configured); marking this done closes the referral")
+            return "needs filing by hand (task)"
+        note = loop.note(note_id)
+        original = store.get_message(row["message_id"]) if row.get("message_id") else None
+        pid = patient_fields(original["raw"], original.get("charset") or "ascii") if original else {}
+        fmt_text = note["format"] == "text"
+        control_id = f"HRN{note_id}"
+        mdm = build_mdm_t02(
+            ConsultNote(referral_id=ei(referral_id), unique_document_id=f"{control_id}",
+                        title=note["title"] or "Consult note",
+                        text=note["content"].decode("utf-8", "replace") if fmt_text else None,
+                        document=None if fmt_text else note["content"],
+                        media_type=None if fmt_text else (note["media_type"] or "application/octet-stream"),
+                        patient_ids=pid.get("ids", ""), patient_name=pid.get("name", "")),
+            control_id=control_id, now_hl7=hl7_timestamp(now),
+            sending=(self.leg.sending_application, self.leg.sending_facility),
+            receiving=(self.leg.receiving_application, self.leg.receiving_facility), version=self.leg.version)
+        Outbox(store).enqueue(key=f"{referral_id}/mllp/note-{note_id}", referral_id=referral_id, document_id=None,
+                              channel=row.get("channel") or "", transport="mllp", kind="consult-note",
+                              sender=self.leg.sending_application, recipient=self.leg.endpoint,
+                              message_id=control_id, payload=mdm, at=at, now=now, detail=f"consult note #{note_id}")
+        return f"queued as MDM^T02 {control_id}"
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def tick(self):
+        now = self.clock.seconds()
+        d = self.committer.run(lambda store: Outbox(store).due(now, transports=("mllp",)))
+        d.addCallback(self._send_all)
+        d.addErrback(lambda f: self.log.failure("return leg", f))
+        return d
+
+    def _send_all(self, rows: list[dict]) -> None:
+        for row in rows:
+            if row["id"] in self._sending:
+                continue
+            self._sending.add(row["id"])
+            d = self.sender.send(row["message_id"], row["payload"])
+            d.addCallbacks(self._answered, self._failed, callbackArgs=(row,), errbackArgs=(row,))
+            d.addErrback(lambda f: self.log.failure("recording the answer to {cid}", f, cid=row["message_id"]))
+            d.addBoth(lambda _, rid=row["id"]: self._sending.discard(rid))
+
+    def _answered(self, ack, row: dict):
+        now = self.clock.seconds()
+        at = iso_timestamp(now)
+        ref, cid = row["referral_id"], row["message_id"]
+        if ack.kind == ACCEPT:
+            self.counts["delivered"] += 1
+            self.log.info("referral {ref}: consult note {cid} filed in the referring chart ({code})", ref=ref,
+                          cid=cid, code=ack.code)
+
+            def delivered(store):
+                with store.atomic():
+                    Outbox(store).update(row["id"], event="ack", at=at, detail=f"MSA-1 {ack.code}", state="DELIVERED",
+                                         attempts=row["attempts"] + 1, last_code=None, last_error="")
+                    note_id = int(row["idempotency_key"].rsplit("note-", 1)[1])
+                    Loop(store).note_returned(note_id, at)
+            return self.committer.run(delivered)
+        self.counts["failed"] += 1
+        why = f"the referring EHR answered {ack.code}: {ack.error or 'refused'}"
+        self.log.warn("ALERT referral {ref}: consult note {cid} refused ({code})", ref=ref, cid=cid, code=ack.code)
+        return self.committer.run(lambda store: self._fail(store, row, at, why))
+
+    def _failed(self, failure, row: dict):
+        failure.trap(SendFailed)
+        now = self.clock.seconds()
+        at = iso_timestamp(now)
+        attempts = row["attempts"] + 1
+        why = str(failure.value.reason if hasattr(failure.value, "reason") else failure.value)
+        if attempts >= self.leg.max_attempts:
+            self.counts["failed"] += 1
+            self.log.warn("ALERT referral {ref}: consult note {cid} not delivered after {n} attempts",
+                          ref=row["referral_id"], cid=row["message_id"], n=attempts)
+            return self.committer.run(lambda store: self._fail(store, row, at, f"{why} ({attempts} attempts)"))
+        delay = min(self.leg.max_delay, self.leg.first_delay * 2 ** (attempts - 1))
+        self.counts["retry"] += 1
+        return self.committer.run(lambda store: Outbox(store).update(
+            row["id"], event="send-failed", at=at, detail=why, state="RETRY_WAIT", attempts=attempts,
+            next_attempt_at=now + delay, last_error=why))
+
+    def _fail(self, store, row: dict, at: str, why: str) -> None:
+        with store.atomic():
+            Outbox(store).update(row["id"], event="failed", at=at, detail=why, state="FAILED",
+                                 attempts=row["attempts"] + 1, last_error=why)
+            loop = Loop(store)
+            r = loop.get(row["referral_id"]) or {}
+            owner = self.config.loop.owner_for(r.get("channel") or "", r.get("payer") or "", r.get("specialty") or "")
+            loop.alert(key=f"{row['idempotency_key']}/failed", kind="note-return-failed", text=why, at=at, owner=owner,
+                       referral_id=row["referral_id"], channel=row["channel"])
