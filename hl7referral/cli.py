@@ -20,6 +20,7 @@ from .config import ConfigError, load_engine
 from .engine.endpoints import EndpointError, server_endpoint
 from .cli_direct import pick_channel, register as register_direct
 from .cli_audit import register as register_audit
+from .cli_loop import register as register_loop, register_actions as register_loop_actions
 from .cli_fax import register as register_fax
 from .send import MLLPClient, SendError, read_messages, tls_context
 from .store import Store, StoreError
@@ -392,3 +393,5 @@ def check(config, store, overrides, listen) -> None:
 register_direct(main, config_options, readable_errors, _load, _open_store, emit, fail)
 register_fax(main, config_options, readable_errors, _load, _open_store, emit, fail)
 register_audit(main, config_options, readable_errors, _load, _open_store, emit, fail)
+register_loop(main, config_options, readable_errors, _load, _open_store, emit, fail)
+register_loop_actions(main, config_options, readable_errors, _load, _open_store, emit, fail)
