@@ -118,3 +118,17 @@ def test_every_event_is_audited_and_the_chain_verifies(store):
     assert [r["event"] for r in rows] == ["RECEIVED", "SENT", "BOOKED"]
     assert rows[-1]["outcome"] == "SCHEDULED"
     assert AuditLog(store).verify().ok
+
+
+def test_an_answer_carrying_the_payers_authorization_releases_the_hold(store):
+    from hl7referral.loop import correlate
+    from loop_messages import rri_accepted
+    tr = tracker(store, auth=((Rule(payer="ACME Health"), True),))
+    aut = b"AUT|PLAN1|ACME^ACME Health|ACME Health|20261201|20270101|AUTH-555\r"
+    raw = rri_accepted(referral_id="HOLD1^HOSP") + aut
+    obs = correlate.read_v2(raw)
+    assert Kind.AUTH_APPROVED in [e.kind for e in obs.events]
+    [(_, ref)] = [k for k in obs.keys if k[0] == "referral"]
+    assert tr.open(ref, now=t(1), channel="ref-i12", facts=FACTS) == State.AUTH_PENDING
+    tr.observe(obs, now=t(2), origin="message #5", raw=raw)
+    assert tr.loop.get(ref)["auth"] == "approved" and tr.loop.released() == [ref]

@@ -565,6 +565,7 @@ def _read_v2(raw, codec, osu_table, zone, received, local_root) -> Observation:
                             "SIU, MDM)")
         return out.build()
     reader(ctx, trigger, table)
+    _authorization(ctx, mtype)
     if not out.keys:
         out.problems.append(f"{label}: no referral id, order number or control id to correlate it with")
     return out.build()
@@ -971,6 +972,18 @@ def _mdm(c: _Ctx, trigger: str, table: OsuTable) -> None:
     at = c.at((m.first("EVN"), 2, 1, "EVN-2"), (txa, 22, 15, "TXA-22.15"), (txa, 6, 1, "TXA-6"),
               (txa, 4, 1, "TXA-4"))
     out.event(Event(kind, at, source=f"{c.source} TXA-17={status or '-'}"))
+
+
+def _authorization(c: _Ctx, mtype: str) -> None:
+    """An AUT segment with an authorization identifier (AUT-6) in an answer is the payer's approval:
+    it releases a referral held in AUTH_PENDING (issue 6 point 4)."""
+    if mtype not in ("RRI", "REF", "OSU", "ORR", "ORG"):
+        return
+    for aut in c.m.all("AUT"):
+        number = c.m.get(aut, 6)
+        if number:
+            c.out.event(Event(Kind.AUTH_APPROVED, c.at(), source=f"{c.source} AUT-6={number}"))
+            return
 
 
 _READERS = {"ACK": _ack, "OSU": _orders, "ORR": _orders, "ORG": _orders, "ORM": _orders, "OMG": _orders,

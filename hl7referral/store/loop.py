@@ -194,6 +194,8 @@ class Loop:
         for name, a, b in DURATIONS:
             fields[name] = _seconds(fields[a], fields[b])
         fields.update(state=after.value, updated_at=at)
+        if row.get("auth") == "required" and any(e.kind == Kind.AUTH_APPROVED for e in added):
+            fields["auth"] = "approved"   # the engine's timer tick releases the held send
         if after != before:
             fields["state_at"] = at
         if schedule is not None:
