@@ -33,3 +33,17 @@ class ManualCommitter:
             return
         for (_, d), outcome in zip(batch, self.store.commit_batch([r for r, _ in batch])):
             d.callback(outcome)
+
+
+class InlineCommitter:
+    """GroupCommitter's ``run`` done at once, on the caller's thread: for services driven by a task.Clock."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def run(self, fn):
+        from twisted.internet.defer import fail, succeed
+        try:
+            return succeed(fn(self.store))
+        except Exception:   # noqa: BLE001 - the caller's errback sees it, as with the real committer
+            return fail()
