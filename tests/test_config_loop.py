@@ -68,3 +68,14 @@ def test_bad_values_name_file_line_and_key(tmp_path, body, where):
     with pytest.raises(ConfigError) as info:
         engine(tmp_path, body)
     assert info.value.key.startswith(where) and str(tmp_path) in info.value.file
+
+
+def test_the_readmes_loop_and_notify_examples_load(tmp_path):
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [re.search(rf"### The `\[{name}\]` keys\n\n```toml\n(.*?)```", readme, re.S).group(1)
+              for name in ("loop", "notify")]
+    cfg, _ = engine(tmp_path, "\n".join(blocks))
+    assert cfg.loop.policy_for(specialty="cardiology", payer="ACME Health").receipt_hours == 24
+    assert cfg.notify.coordinator_notifier == "email" and cfg.loop.return_leg.receiving_application == "EHR"
