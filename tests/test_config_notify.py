@@ -300,20 +300,16 @@ def test_notifier_specific_templates_apply_to_that_notifier_only():
 
 def test_a_composed_alert_arrives_by_email(engine):
     """From configuration to a real SMTP server: the owner's address, the key's Message-ID."""
-    from test_notify_email import EphemeralController, Relay
+    from smtp_servers import running_smtpd
+    from test_notify_email import Relay
 
-    relay = Relay()
-    controller = EphemeralController(relay, hostname="127.0.0.1", port=0)
-    controller.start()
-    try:
-        text = ENGINE.replace("port = 25", f"port = {controller.port}")
+    with running_smtpd(Relay()) as (relay, port):
+        text = ENGINE.replace("port = 25", f"port = {port}")
         cfg = parse(text)
         out = cfg.compose(key="REF7/booking-overdue", referral_id="REF7", rule="booking-overdue",
                           audience="coordinator", owner="alice",
                           values={"specialist": "Dr. Müller", "attempts": "2", "due_at": "1 May"})
         cfg.build_notifiers()[out.notifier].send(out.notice)
-    finally:
-        controller.stop()
     msg = relay.parsed()
     assert relay.messages[0][1] == ["alice@clinic.test"]
     assert msg["Subject"] == "[REF7] Not booked: no appointment after the reminders"

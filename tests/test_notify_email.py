@@ -10,26 +10,17 @@ import email
 import email.policy
 import logging
 import socket
-import ssl
 from pathlib import Path
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
+from smtp_servers import running_smtpd
 from hl7referral.notify import Notice, NotifierSettingsError, NotifyError, load_notifier
 from hl7referral.notify.email import EmailNotifier, check_address, message_id
 
 FROM = "referrals@clinic.test"
 PATIENT = "pat.jones@example.test"
-
-
-class EphemeralController(Controller):
-    """aiosmtpd's Controller on port 0: learn the port before it connects to itself."""
-
-    def _trigger_server(self):
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
 
 
 class Relay:
@@ -83,11 +74,8 @@ class Relay:
 
 @pytest.fixture
 def smtpd():
-    relay = Relay()
-    controller = EphemeralController(relay, hostname="127.0.0.1", port=0)
-    controller.start()
-    yield relay, controller.port
-    controller.stop()
+    with running_smtpd(Relay()) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +87,8 @@ def pki(tmp_path_factory, make_certs) -> Path:
 
 @pytest.fixture
 def smtpd_tls(pki):
-    relay = Relay()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(pki / "server.pem", pki / "server.key")
-    controller = EphemeralController(relay, hostname="127.0.0.1", port=0, tls_context=context,
-                                     require_starttls=True, auth_required=True, authenticator=relay.authenticate)
-    controller.start()
-    yield relay, controller.port
-    controller.stop()
+    with running_smtpd(Relay(), pki=pki) as server:
+        yield server
 
 
 def free_port() -> int:

@@ -8,14 +8,13 @@ loop on another thread, on an ephemeral port.
 from __future__ import annotations
 
 import socket
-import ssl as stdlib_ssl
 from pathlib import Path
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
 from reactor_thread import call, running_reactor
+from smtp_servers import running_smtpd
 from hl7referral.engine.endpoints import tls_options as server_tls_options
 from hl7referral.engine.smtp_client import Relay, SendResult, send, wire_data
 from hl7referral.engine.smtp_server import InboundSMTPFactory, listen
@@ -41,14 +40,6 @@ def deliver(r, relay, data=MESSAGE, recipients=(TO,), timeout=30) -> SendResult:
 
 
 # -- aiosmtpd ------------------------------------------------------------------------
-
-
-class EphemeralController(Controller):
-    """aiosmtpd's Controller on port 0: learn the port before it connects to itself."""
-
-    def _trigger_server(self):
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
 
 
 class Handler:
@@ -82,11 +73,8 @@ class Handler:
 
 @pytest.fixture
 def smtpd():
-    handler = Handler()
-    controller = EphemeralController(handler, hostname="127.0.0.1", port=0)
-    controller.start()
-    yield handler, controller.port
-    controller.stop()
+    with running_smtpd(Handler()) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +86,8 @@ def pki(tmp_path_factory, make_certs) -> Path:
 
 @pytest.fixture
 def smtpd_tls(pki):
-    handler = Handler()
-    context = stdlib_ssl.create_default_context(stdlib_ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(pki / "server.pem", pki / "server.key")
-    controller = EphemeralController(handler, hostname="127.0.0.1", port=0, tls_context=context,
-                                     require_starttls=True, auth_required=True, authenticator=handler.authenticate)
-    controller.start()
-    yield handler, controller.port
-    controller.stop()
+    with running_smtpd(Handler(), pki=pki) as server:
+        yield server
 
 
 def plain(port, **kw) -> Relay:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from .. import plugins
 from typing import Any, Protocol, runtime_checkable
 
 GROUP = "hl7referral.transports"
@@ -122,14 +122,10 @@ class GatewaySettingsError(ValueError):
 
 def available() -> dict[str, Any]:
     """Gateway classes by entry point name."""
-    return {ep.name: ep for ep in entry_points(group=GROUP)}
+    return plugins.available(GROUP)
 
 
 def load_gateway(name: str, settings: dict[str, Any]) -> FaxGateway:
     """Build the gateway registered as *name* from its settings (GatewaySettingsError if wrong)."""
-    found = available()
-    if name not in found:
-        known = ", ".join(sorted(found)) or "none"
-        raise GatewaySettingsError("gateway", f"no fax gateway plugin {name!r} (installed: {known})")
-    cls = found[name].load()
-    return cls(dict(settings))
+    return plugins.build(GROUP, name, settings, lambda known: GatewaySettingsError(
+        "gateway", f"no fax gateway plugin {name!r} (installed: {known})"))

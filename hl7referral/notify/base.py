@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from .. import plugins
 from types import MappingProxyType
 from typing import Any, Mapping, Protocol, runtime_checkable
 
@@ -166,7 +166,7 @@ class Notifier(Protocol):
 
 def available() -> dict[str, Any]:
     """Notifier entry points by name."""
-    return {ep.name: ep for ep in entry_points(group=GROUP)}
+    return plugins.available(GROUP)
 
 
 def load_notifier(name: str, options: Mapping[str, Any]) -> Notifier:
@@ -174,12 +174,8 @@ def load_notifier(name: str, options: Mapping[str, Any]) -> Notifier:
 
     Building does no I/O and reads no secret: those happen at send time.
     """
-    found = available()
-    if name not in found:
-        known = ", ".join(sorted(found)) or "none"
-        raise NotifierSettingsError("plugin", f"no notifier plugin {name!r} (installed: {known})")
-    cls = found[name].load()
-    return cls(dict(options))
+    return plugins.build(GROUP, name, options, lambda known: NotifierSettingsError(
+        "plugin", f"no notifier plugin {name!r} (installed: {known})"))
 
 
 # --------------------------------------------------------------------------- owners
