@@ -132,3 +132,19 @@ def test_an_answer_carrying_the_payers_authorization_releases_the_hold(store):
     assert tr.open(ref, now=t(1), channel="ref-i12", facts=FACTS) == State.AUTH_PENDING
     tr.observe(obs, now=t(2), origin="message #5", raw=raw)
     assert tr.loop.get(ref)["auth"] == "approved" and tr.loop.released() == [ref]
+
+
+@pytest.mark.parametrize("sample, contact_phone, vet", [("ref-i12.hl7", "5550111", False),
+                                                        ("vet-ref-i12.hl7", "5550199", True)])
+def test_the_contact_for_notices_is_the_patient_or_for_a_pet_the_owner(sample, contact_phone, vet):
+    from pathlib import Path
+    from hl7referral.cda.pipeline import Pipeline
+    from hl7referral.config import load_engine
+    from hl7referral.loop.tracker import referral_facts
+    cfg = load_engine()
+    raw = (Path(__file__).resolve().parents[1] / "samples" / sample).read_bytes().replace(b"\n", b"\r")
+    channel = next(c for c in cfg.channels if c.name == sample.removesuffix(".hl7"))
+    processed = Pipeline(cfg.mappings, cfg.directory).run(raw, channel)
+    facts = referral_facts(processed.referral, processed.destination)
+    assert contact_phone in facts["phone"].replace("-", "") and facts["veterinary"] is vet
+    assert facts["specialist"] == processed.destination.name and facts["referring_provider"]

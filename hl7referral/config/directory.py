@@ -18,6 +18,7 @@ DIRECTORY_SCHEMA = {
     "specialists": [{
         "name": str, "npi": str, "specialty": str, "codes": [str], "direct": str, "fax": str,
         "organization": str, "veterinary": bool,
+        "phone": str, "email": str, "scheduling_link": str, "how_to_book": str,
     }],
 }
 
@@ -32,6 +33,11 @@ class Specialist:
     fax: str = ""
     organization: str = ""
     veterinary: bool = False
+    # For patient and owner messages (issue 6): how to reach the practice and book.
+    phone: str = ""
+    email: str = ""              # where consult-note requests go (specialist_notifier = "email")
+    scheduling_link: str = ""
+    how_to_book: str = ""
 
 
 @dataclass(frozen=True)

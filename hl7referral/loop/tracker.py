@@ -87,6 +87,7 @@ def referral_facts(referral, destination=None) -> dict:
         "specialist_phone": spec_phone or getattr(destination, "phone", ""),
         "specialist_email": getattr(destination, "email", ""),
         "scheduling_link": getattr(destination, "scheduling_link", ""),
+        "how_to_book": getattr(destination, "how_to_book", ""),
         "purpose": referral.reason.display or referral.reason_text or referral.requested_service.display,
         "referring_provider": next((i.extension for i in referral.referring.ids if i.extension), ""),
         "payer": (payer.name if payer else ""),
