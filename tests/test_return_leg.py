@@ -1,0 +1,226 @@
+"""Closing the loop in the running engine: the consult note back to the referring EHR, and the SLA timers.
+
+The engine runs in-process on the test reactor (the harness of tests/test_loop_engine.py);
+the referring EHR is tests/mllp_peer.py, an MLLP receiver on plain sockets and threads that
+can be told to misbehave, and ``[loop.return] endpoint`` points at it. Retry timings are
+shortened through config overrides so a resend takes about a second.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import hl7
+import pytest
+from twisted.internet.task import Clock
+
+import loop_messages as lm
+from hl7referral.loop.states import Event, Kind
+from hl7referral.loop.tracker import iso
+from hl7referral.store import Store
+from hl7referral.store.loop import Loop
+from mllp_peer import Peer
+from reactor_thread import call
+from test_loop_engine import ORIGINAL_MODE, Engine, check_audit, cli, msa, open_referral, status, wait_for
+
+NOTE_TEXT = "Seen for chest pain: echo normal, EF 60%.\nPlan: recheck in 3 months & continue aspirin."
+FAST_RETRY = ("loop.return.ack_timeout=0.5", "loop.return.first_delay=0.2", "loop.return.max_delay=0.5",
+              "loop.return.max_attempts=20")
+
+
+@pytest.fixture
+def peer():
+    p = Peer().start()
+    yield p
+    p.stop()
+
+
+def returning_engine(tmp_path, peer: Peer) -> Engine:
+    return Engine(tmp_path, f'loop.return.endpoint="tcp:host=127.0.0.1:port={peer.port}"', *FAST_RETRY).start()
+
+
+def send_note(engine: Engine, control_id: str = "MDM0001", text: str = NOTE_TEXT) -> None:
+    mdm = lm.mdm_t02(referral_id=lm.REFERRAL_EI, text=text, status="AU", control_id=control_id, **ORIGINAL_MODE)
+    assert msa(engine.send(mdm)) == ("AA", control_id)
+
+
+def note_row(mine: Store, state: str | None = None):
+    rows = list(mine.db.query("SELECT * FROM outbox WHERE transport = 'mllp' AND kind = 'consult-note'"))
+    assert len(rows) <= 1, rows
+    return rows[0] if rows and (state is None or rows[0]["state"] == state) else None
+
+
+def events_of(mine: Store, outbox_id: int) -> list[str]:
+    return [r["event"] for r in mine.db.query("SELECT event FROM transport_events WHERE outbox_id = ? ORDER BY id",
+                                              [outbox_id])]
+
+
+def read_mdm(payload: bytes) -> tuple[str, str, list[str]]:
+    """(MSH-10, TXA-14, the OBX-5 lines, unescaped) of the MDM the peer received, read by python-hl7."""
+    message = hl7.parse(payload.decode("utf-8"))
+    assert str(message.segment("MSH")(9)).startswith("MDM^T02")
+    lines = [message.unescape(str(obx(5))) for obx in message.segments("OBX")]
+    return str(message.segment("MSH")(10)), str(message.segment("TXA")(14)), lines
+
+
+def settle_return_leg(engine: Engine) -> None:
+    """Run one return-leg tick to its end: whatever is due has been handed to the sender."""
+    call(engine.reactor, engine.service.returns.tick)
+
+
+# -- 6: the happy path -------------------------------------------------------------------------
+
+def test_consult_note_goes_back_as_mdm_and_its_ack_closes_the_loop(tmp_path, peer):
+    engine = returning_engine(tmp_path, peer)
+    mine = Store.open(engine.path)
+    try:
+        open_referral(engine, mine)
+        send_note(engine)
+        row = wait_for(lambda: note_row(mine, "DELIVERED"), what="the consult note DELIVERED")
+        wait_for(lambda: Loop(mine).get(lm.REFERRAL_ID)["state"] == "CLOSED", what="the referral CLOSED")
+        received = peer.received
+        assert len(received) == 1 and received[0].parse_error == ""
+        control_id, txa14, lines = read_mdm(received[0].payload)
+        assert control_id == row["message_id"] == received[0].control_id
+        assert txa14 == lm.REFERRAL_EI
+        assert "\n".join(lines) == NOTE_TEXT
+        assert row["payload"] == received[0].payload and row["attempts"] == 1
+        assert events_of(mine, row["id"]) == ["queued", "ack"]
+        kinds = [e.kind for e in Loop(mine).events(lm.REFERRAL_ID)]
+        assert kinds.count(Kind.NOTE_FILED) == 1 and Kind.CONSULT_NOTE in kinds
+        notes = Loop(mine).notes(lm.REFERRAL_ID)
+        assert len(notes) == 1 and notes[0]["returned_at"]
+        assert Loop(mine).note(notes[0]["id"])["content"] == NOTE_TEXT.encode()
+        settle_return_leg(engine)
+        assert len(peer.received) == 1   # delivered once: nothing due any more
+    finally:
+        engine.stop()
+        mine.close()
+    assert status(engine.path, lm.REFERRAL_ID)["state"] == "CLOSED"
+    check_audit(engine.path)
+
+
+# -- 7: a misbehaving peer ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("behaviour", ["wrong-id", "late:1.5", "no-ack"])
+def test_no_false_delivery_while_the_ack_is_wrong_or_late_then_delivery_once_it_behaves(tmp_path, peer, behaviour):
+    peer.default = behaviour
+    engine = returning_engine(tmp_path, peer)
+    mine = Store.open(engine.path)
+    try:
+        open_referral(engine, mine)
+        send_note(engine)
+        # Two sends answered wrongly (or too late): both recorded as failures, nothing delivered or closed.
+        failed = wait_for(lambda: (r := note_row(mine)) and r["attempts"] >= 2 and r, what="two failed sends")
+        assert failed["state"] == "RETRY_WAIT" and failed["last_error"]
+        assert Loop(mine).get(lm.REFERRAL_ID)["state"] == "SEEN"
+        assert Loop(mine).notes(lm.REFERRAL_ID)[0]["returned_at"] is None
+        assert Kind.NOTE_FILED not in [e.kind for e in Loop(mine).events(lm.REFERRAL_ID)]
+
+        peer.default = "aa"
+        row = wait_for(lambda: note_row(mine, "DELIVERED"), what="DELIVERED once the peer behaves")
+        wait_for(lambda: Loop(mine).get(lm.REFERRAL_ID)["state"] == "CLOSED", what="the referral CLOSED")
+        received = peer.received
+        # Every resend is the same message: same MSH-10, same bytes; each one was recorded.
+        assert {r.control_id for r in received} == {row["message_id"]}
+        assert {r.payload for r in received} == {row["payload"]}
+        assert received[-1].behaviour == "aa"
+        assert row["attempts"] == len(received) >= 3
+        assert events_of(mine, row["id"]) == ["queued"] + ["send-failed"] * (len(received) - 1) + ["ack"]
+        assert [e.kind for e in Loop(mine).events(lm.REFERRAL_ID)].count(Kind.NOTE_FILED) == 1
+    finally:
+        engine.stop()
+        mine.close()
+    check_audit(engine.path)
+
+
+@pytest.mark.parametrize("behaviour", ["two-acks", "dribble", "wrong-then-aa"])
+def test_odd_but_right_acks_deliver_once(tmp_path, peer, behaviour):
+    peer.default = behaviour
+    engine = returning_engine(tmp_path, peer)
+    mine = Store.open(engine.path)
+    try:
+        open_referral(engine, mine)
+        send_note(engine)
+        row = wait_for(lambda: note_row(mine, "DELIVERED"), what="DELIVERED")
+        wait_for(lambda: Loop(mine).get(lm.REFERRAL_ID)["state"] == "CLOSED", what="the referral CLOSED")
+        settle_return_leg(engine)
+        assert [(r.control_id, r.behaviour) for r in peer.received] == [(row["message_id"], behaviour)]
+        assert row["attempts"] == 1 and events_of(mine, row["id"]) == ["queued", "ack"]
+        assert [e.kind for e in Loop(mine).events(lm.REFERRAL_ID)].count(Kind.NOTE_FILED) == 1
+    finally:
+        engine.stop()
+        mine.close()
+
+
+# -- 8: no return interface ---------------------------------------------------------------------
+
+def test_without_a_return_endpoint_a_file_note_task_closes_the_loop_when_done(tmp_path):
+    engine = Engine(tmp_path).start()
+    mine = Store.open(engine.path)
+    try:
+        open_referral(engine, mine)
+        send_note(engine)
+        task = wait_for(lambda: Loop(mine).tasks(referral_id=lm.REFERRAL_ID), what="the file-note task")
+        assert [(t["kind"], t["owner"]) for t in task] == [("file-note", "role:referral-coordinators")]
+        assert Loop(mine).get(lm.REFERRAL_ID)["state"] == "SEEN"
+        assert note_row(mine) is None
+
+        code, out = cli("tasks", "done", str(task[0]["id"]), "--by", "coordinator-test", "--store", str(engine.path))
+        assert code == 0 and f"task #{task[0]['id']} done by coordinator-test" in out, out
+        assert Loop(mine).get(lm.REFERRAL_ID)["state"] == "CLOSED"
+        code, out = cli("tasks", "done", str(task[0]["id"]), "--by", "coordinator-test", "--store", str(engine.path))
+        assert code == 1 and "done already" in out, out
+    finally:
+        engine.stop()
+        mine.close()
+    assert status(engine.path, lm.REFERRAL_ID)["state"] == "CLOSED"
+    rows = check_audit(engine.path)
+    assert [r["event"] for r in rows if r["referral_id"] == lm.REFERRAL_ID] == \
+        ["RECEIVED", "CONSULT_NOTE", "TASK", "NOTE_FILED", "TASK_DONE"]
+
+
+# -- 9: SLA timers --------------------------------------------------------------------------------
+
+def test_a_sent_referral_without_receipt_alerts_its_owner_once_after_48_hours(tmp_path):
+    engine = Engine(tmp_path, 'loop.coordinator="coordinator:kim"')
+    # The tracker's clock (the LoopService takes one for this): 48 hours pass in one advance.
+    clock = Clock()
+    clock.advance(time.time())
+    engine.service.loop.clock = clock
+    engine.service.loop.timers.clock = clock
+    engine.start()
+    mine = Store.open(engine.path)
+    hour = 3600.0
+
+    def tick(advance: float) -> list[dict]:
+        call(engine.reactor, clock.advance, advance)
+        call(engine.reactor, engine.service.loop.tick)   # serial on the writer: runs after any tick the advance fired
+        # (the channel's "no-transport" alert, raised when the referral came in, is not an SLA's)
+        return [a for a in Loop(mine).alerts(lm.REFERRAL_ID) if a["kind"].startswith("sla-")]
+
+    try:
+        open_referral(engine, mine)
+        t0 = dt.datetime.fromtimestamp(clock.seconds(), dt.timezone.utc)
+        # No transport in this channel: the send is recorded as a transport would record it.
+        Loop(mine).apply(lm.REFERRAL_ID, [Event(Kind.SENT, iso(t0), source="test: relay 250")], at=iso(t0),
+                         actor="test")
+        assert Loop(mine).get(lm.REFERRAL_ID)["state"] == "SENT"
+
+        assert tick(47 * hour) == []
+        alerts = tick(1 * hour + 60)
+        assert [(a["kind"], a["owner"]) for a in alerts] == [("sla-receipt-overdue", "coordinator:kim")]
+        assert tick(24 * hour) == alerts
+        assert tick(7 * 24 * hour) == alerts
+        actions = Loop(mine).sla_actions(lm.REFERRAL_ID)
+        assert [(a["rule"], a["owner"], a["due_at"]) for a in actions] == \
+            [("receipt-overdue", "coordinator:kim", iso(t0 + dt.timedelta(hours=48)))]
+        assert Loop(mine).get(lm.REFERRAL_ID)["overdue_at"] == iso(t0 + dt.timedelta(hours=48))
+    finally:
+        engine.stop()
+        mine.close()
+    code, out = cli("referrals", "list", "--overdue", "--store", str(engine.path))
+    assert code == 0 and lm.REFERRAL_ID in out and "OVERDUE since" in out, out
+    rows = check_audit(engine.path)
+    assert [r["event"] for r in rows if r["event"].startswith("SLA")] == ["SLA receipt-overdue"]
