@@ -77,7 +77,8 @@ def test_unroutable_referral_is_parked_with_an_alert(tmp_path, corpus):
         e.stop()
     assert row["status"] == "parked" and "no destination" in row["reasons"]
     (alert,) = json.loads(alerts)
-    assert alert["referral_id"] == "226839" and alert["owner"] == "coordinators" and "no destination" in alert["text"]
+    assert alert["referral_id"] == "226839" and alert["owner"] == "role:referral-coordinators"
+    assert "no destination" in alert["text"]
     assert "ALERT referral 226839" in e.log and "EVERYMAN" not in e.log
 
 

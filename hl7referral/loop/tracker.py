@@ -115,7 +115,8 @@ class Tracker:
         created = self.loop.open_referral(
             referral_id, at=at, channel=channel, specialty=specialty, destination=destination, payer=payer,
             veterinary=bool(facts.get("veterinary")), contact=facts, message_id=message_id, keys=keys,
-            source=f"message #{message_id}" if message_id else "", auth="required" if hold else "")
+            source=f"message #{message_id}" if message_id else "", auth="required" if hold else "",
+            owner=self.config.owner_for(channel, payer, specialty))
         if created and hold:
             why = f"auth rules: payer {payer or '-'}, specialty {specialty or '-'}"
             self.loop.apply(referral_id, [Event(Kind.AUTH_REQUIRED, at, source=why)], at=at, actor="auth-rules")

@@ -72,15 +72,16 @@ class Loop:
     def open_referral(self, referral_id: str, *, at: str, channel: str = "", specialty: str = "",
                       destination: str = "", payer: str = "", veterinary: bool = False, contact: dict | None = None,
                       message_id: int | None = None, keys: Iterable[tuple[str, int]] = (), actor: str = "engine",
-                      source: str = "", auth: str = "") -> bool:
+                      source: str = "", auth: str = "", owner: str = "") -> bool:
         """Record a referral (RECEIVED, or AUTH_PENDING when *auth* is "required"); False if it was there."""
         s = self.store
         with s._lock, s._transaction():
             cur = self.conn.execute(
                 "INSERT OR IGNORE INTO referrals (referral_id, created_at, updated_at, message_id, channel, specialty, "
-                "destination, payer, veterinary, contact, state, state_at, auth) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "destination, payer, veterinary, contact, state, state_at, auth, owner) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (referral_id, at, at, message_id, channel, specialty, destination, payer, int(veterinary),
-                 json.dumps(contact or {}, sort_keys=True), State.RECEIVED.value, at, auth))
+                 json.dumps(contact or {}, sort_keys=True), State.RECEIVED.value, at, auth, owner or None))
             for key, strength in [(referral_id, 0), *keys]:
                 self.conn.execute("INSERT OR IGNORE INTO referral_keys (key, referral_id, strength) VALUES (?,?,?)",
                                   (key, referral_id, strength))
@@ -471,28 +472,38 @@ class Loop:
         """Completion and leakage by specialty and destination; median and p90 seconds per stage.
 
         Completed = CLOSED (the note is back). Leaked = ended without the note (DECLINED,
-        CANCELLED) or still open and overdue. Percentiles walk the duration indexes, so a
-        million referrals cost an index scan, not a sort.
+        CANCELLED) or still open and overdue. Every query reads a covering index in its order
+        (referrals_report, referrals_overdue, referrals_d_*, and referrals_created for the stage
+        counts since a date; created_at is in each), so a million referrals cost index scans,
+        never a sort of the table nor a row lookup.
         """
         where, args = ("WHERE created_at >= ?", [since]) if since else ("", [])
+        # Counted per (specialty, destination, state) in the index's order, then folded: grouping on
+        # coalesce() directly would sort every row in a temporary b-tree.
         groups = [dict(r) for r in self.store.db.query(
             f"SELECT coalesce(specialty, '') AS specialty, coalesce(destination, '') AS destination, "
-            f"count(*) AS referrals, sum(state = 'CLOSED') AS completed, "
-            f"sum(state IN ('DECLINED', 'CANCELLED')) AS ended_without_note, "
-            f"sum(state NOT IN ('DECLINED', 'CANCELLED', 'CLOSED')) AS open "
-            f"FROM referrals {where} GROUP BY 1, 2 ORDER BY 1, 2", args)]
+            f"sum(n) AS referrals, sum(CASE WHEN state = 'CLOSED' THEN n ELSE 0 END) AS completed, "
+            f"sum(CASE WHEN state IN ('DECLINED', 'CANCELLED') THEN n ELSE 0 END) AS ended_without_note, "
+            f"sum(CASE WHEN state NOT IN ('DECLINED', 'CANCELLED', 'CLOSED') THEN n ELSE 0 END) AS open "
+            f"FROM (SELECT specialty, destination, state, count(*) AS n FROM referrals INDEXED BY referrals_report "
+            f"{where} GROUP BY specialty, destination, state) GROUP BY 1, 2 ORDER BY 1, 2", args)]
         overdue = {(r[0], r[1]): r[2] for r in self.conn.execute(
             f"SELECT coalesce(specialty, ''), coalesce(destination, ''), count(*) FROM referrals "
-            f"WHERE overdue_at IS NOT NULL {'AND created_at >= ?' if since else ''} GROUP BY 1, 2", args)}
+            f"INDEXED BY referrals_overdue WHERE overdue_at IS NOT NULL {'AND created_at >= ?' if since else ''} "
+            f"GROUP BY 1, 2", args)}
         for g in groups:
             g["overdue"] = overdue.get((g["specialty"], g["destination"]), 0)
             g["leaked"] = g["ended_without_note"] + g["overdue"]
             g["completion_rate"] = round(g["completed"] / g["referrals"], 4) if g["referrals"] else 0.0
             g["leakage_rate"] = round(g["leaked"] / g["referrals"], 4) if g["referrals"] else 0.0
         stages = {}
-        for name, _, _ in DURATIONS:
-            n = self.conn.execute(f"SELECT count(*) FROM referrals WHERE {name} IS NOT NULL "
-                                  f"{'AND created_at >= ?' if since else ''}", args).fetchone()[0]
+        if since:   # one walk of the created_at range counts every stage (the index carries the durations)
+            counts = self.conn.execute(
+                "SELECT " + ", ".join(f"count({name})" for name, _, _ in DURATIONS)
+                + " FROM referrals INDEXED BY referrals_created WHERE created_at >= ?", args).fetchone()
+        for i, (name, _, _) in enumerate(DURATIONS):
+            n = counts[i] if since else self.conn.execute(
+                f"SELECT count(*) FROM referrals INDEXED BY referrals_{name} WHERE {name} IS NOT NULL").fetchone()[0]
             stages[name[2:]] = {"n": n, "median_s": self._percentile(name, n, 0.5, since),
                                 "p90_s": self._percentile(name, n, 0.9, since)}
         counted = ("referrals", "completed", "ended_without_note", "open", "overdue", "leaked")
@@ -505,10 +516,14 @@ class Loop:
         if n == 0:
             return None
         k = min(n - 1, int(q * (n - 1) + 0.5))   # nearest rank
+        # The k-th from the bottom is the (n-1-k)-th from the top: walk the index from the nearer end
+        # (the p90 walks a tenth of it, not nine tenths).
+        order, offset = ("DESC", n - 1 - k) if k > (n - 1) / 2 else ("", k)
         if since:
-            row = self.conn.execute(f"SELECT {column} FROM referrals WHERE {column} IS NOT NULL AND created_at >= ? "
-                                    f"ORDER BY {column} LIMIT 1 OFFSET ?", (since, k)).fetchone()
+            row = self.conn.execute(f"SELECT {column} FROM referrals INDEXED BY referrals_{column} WHERE {column} "
+                                    f"IS NOT NULL AND created_at >= ? ORDER BY {column} {order} LIMIT 1 OFFSET ?",
+                                    (since, offset)).fetchone()
         else:
             row = self.conn.execute(f"SELECT {column} FROM referrals INDEXED BY referrals_{column} WHERE {column} "
-                                    f"IS NOT NULL ORDER BY {column} LIMIT 1 OFFSET ?", (k,)).fetchone()
+                                    f"IS NOT NULL ORDER BY {column} {order} LIMIT 1 OFFSET ?", (offset,)).fetchone()
         return row[0] if row else None

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..loop.states import Kind
-from .sqlite import Store, where_equal
+from .sqlite import Store, owner_of, where_equal
 
 ACTIVE = ("QUEUED", "RETRY_WAIT")
 # (transport, outbox kind, new state) -> the loop event it is (store/loop.py): a packet that left is
@@ -237,12 +237,13 @@ class Outbox:
             self._event(None, None, referral_id, event, None, detail, at)
 
     def alert(self, *, kind: str, text: str, at: str, referral_id: str | None = None, channel: str | None = None,
-              owner: str = "coordinators") -> None:
+              owner: str | None = None) -> None:
+        """An alert for the referral's owner (store/sqlite.py ``owner_of``) unless *owner* is given."""
         s = self.store
         with s._lock, s._transaction():
             self.conn.execute(
                 "INSERT INTO alerts (created_at, kind, referral_id, channel, text, owner) VALUES (?,?,?,?,?,?)",
-                (at, kind, referral_id, channel, text, owner))
+                (at, kind, referral_id, channel, text, owner or owner_of(self.conn, referral_id)))
 
     def _event(self, outbox_id, mail_id, referral_id, event, state, detail, at) -> None:
         self.conn.execute(
