@@ -216,6 +216,21 @@ def parse_mdn(entity_or_message: bytes) -> Mdn | None:
     report = _find_report(top, 0)
     if report is None:
         return None
+    return _read_report(top, report)
+
+
+def read_if_mdn(entity: bytes) -> Mdn | None:
+    """:func:`is_mdn` and :func:`parse_mdn` in one parse: None when the bytes are not an MDN,
+    :class:`MdnError` when they are one but malformed (to be audited, never taken for content)."""
+    try:
+        top = _parse_message(entity)
+        report = _find_report(top, 0)
+    except MdnError:
+        return None
+    return None if report is None else _read_report(top, report)
+
+
+def _read_report(top: email.message.Message, report: email.message.Message) -> Mdn:
     if report.get_content_type() == "message/disposition-notification":
         notification = report
     else:

@@ -248,17 +248,16 @@ class DirectAgent:
         if not decision.ok:
             return self._reject(mail_id, at, from_address, decision.code, decision.reason)
         trust = f"{decision.code} ({decision.binding}-bound)"
-        if mdnlib.is_mdn(verified.content):
-            try:
-                report = mdnlib.parse_mdn(verified.content)
-            except mdnlib.MdnError as exc:
-                # A broken MDN is audited, never taken for health content.
-                self.outbox.update_mail(mail_id, event="mdn-malformed", at=iso_timestamp(now), status="mdn-malformed",
-                                        kind="mdn", from_address=from_address, trust=trust, detail=str(exc),
-                                        processed_at=iso_timestamp(now))
-                return Received("mdn", "mdn-malformed", str(exc))
-            if report is not None:
-                return self._on_mdn(mail_id, report, from_address, trust, now)
+        try:
+            report = mdnlib.read_if_mdn(verified.content)   # one MIME parse, not two
+        except mdnlib.MdnError as exc:
+            # A broken MDN is audited, never taken for health content.
+            self.outbox.update_mail(mail_id, event="mdn-malformed", at=iso_timestamp(now), status="mdn-malformed",
+                                    kind="mdn", from_address=from_address, trust=trust, detail=str(exc),
+                                    processed_at=iso_timestamp(now))
+            return Received("mdn", "mdn-malformed", str(exc))
+        if report is not None:
+            return self._on_mdn(mail_id, report, from_address, trust, now)
         return self._on_content(mail_id, outer, verified.content, from_address, trust, now, send_mdn)
 
     def _reject(self, mail_id: int, at: str, from_address: str, code: str, reason: str) -> Received:
@@ -286,12 +285,14 @@ class DirectAgent:
             return Received("mdn", "mdn-unmatched", "from a different organisation")
         event = tracking.event_for_mdn(report)
         detail = f"{report.disposition} MDN" + (f": {report.failure}" if report.failure else "")
-        t = self._move(row, event, now, detail, mail_id=mail_id)
-        audit_only = {"audit-duplicate": "mdn-duplicate", "ignore": "mdn-duplicate", "audit-late": "mdn-late",
-                      "audit-other": "mdn-other"}
-        status = next((audit_only[e] for e in t.effects if e in audit_only), "mdn-matched")
-        self.outbox.update_mail(mail_id, event=status, at=at, status=status, outbox_id=row["id"], detail=detail,
-                                **common)
+        # The packet's state (and the referral's receipt) and the mail's status: one transaction.
+        with self.outbox.store.atomic():
+            t = self._move(row, event, now, detail, mail_id=mail_id)
+            audit_only = {"audit-duplicate": "mdn-duplicate", "ignore": "mdn-duplicate", "audit-late": "mdn-late",
+                          "audit-other": "mdn-other"}
+            status = next((audit_only[e] for e in t.effects if e in audit_only), "mdn-matched")
+            self.outbox.update_mail(mail_id, event=status, at=at, status=status, outbox_id=row["id"],
+                                    detail=detail, **common)
         return Received("mdn", status, detail, row["id"])
 
     def _on_content(self, mail_id: int, outer, content: bytes, from_address: str, trust: str, now: float,

@@ -9,7 +9,8 @@ Invariants
 * Commit, then apply: a loop message (SIU, OSU, RRI, MDM) is ACKed once its bytes are on
   disk; it is applied afterwards and marked ``applied_at`` in the same transaction as its
   effects, so a crash in between re-applies it at the next start (and applying is
-  idempotent), never loses it.
+  idempotent), never loses it. Messages waiting while a batch is applied share the next
+  transaction; if a batch fails, each of its messages is tried alone.
 * What names no referral goes to the work queue whole, with the reason (tracker.py).
 * A referral held for prior authorization is not handed to a transport; once approved
   (CLI, inbound message) the timer tick releases it.
@@ -32,6 +33,7 @@ from ..loop.tracker import Tracker, iso
 from ..store import Store
 
 RECOVERY_BATCH = 500
+BATCH = 256            # loop messages applied in one transaction at most
 
 
 def utc(seconds: float) -> dt.datetime:
@@ -55,6 +57,8 @@ class LoopService(Service):
         self.on_note = None        # (referral_id, note_id) -> None: a consult note to take back to the chart
         self.counts = dict(applied=0, parked=0, acted=0)
         self._queued: set[int] = set()
+        self._pending: list = []     # (message id, raw, codec, Deferred, alone) waiting for the next batch
+        self._busy = False
 
     def reread(self, item: dict):
         return observation_of(item["origin"] or "", item["raw"] or b"", osu_tables=self.osu_tables,
@@ -92,14 +96,51 @@ class LoopService(Service):
     # -- loop messages -------------------------------------------------------------------
 
     def submit(self, message_id: int, channel: str, raw: bytes, codec: str = "ascii") -> Deferred | None:
-        """An accepted message of a tracker channel, committed: apply it (on the writer thread)."""
+        """An accepted message of a tracker channel, committed: apply it (on the writer thread).
+
+        Messages that arrive while a batch is being applied share the next one: one transaction
+        (one fsync) for all of them, as the committer does for inbound messages.
+        """
         if channel not in self.channels or message_id in self._queued:
             return None
         self._queued.add(message_id)
-        d = self.committer.run(lambda store: self._apply(message_id, raw, codec))
-        d.addCallback(self._applied, message_id)
-        d.addErrback(self._failed, message_id)
+        d = Deferred()
+        self._pending.append((message_id, raw, codec, d, False))
+        self._pump()
         return d
+
+    def _pump(self) -> None:
+        if self._busy or not self._pending:
+            return
+        alone = self._pending[0][4]
+        size = 1 if alone else BATCH
+        batch, self._pending = self._pending[:size], self._pending[size:]
+        self._busy = True
+        job = self.committer.run(lambda store: self._apply_batch(store, batch))
+        job.addCallbacks(self._batch_done, self._batch_failed, callbackArgs=(batch,), errbackArgs=(batch,))
+        job.addBoth(self._next)
+
+    def _next(self, _) -> None:
+        self._busy = False
+        self._pump()
+
+    def _apply_batch(self, store: Store, batch) -> list:
+        with store.atomic():
+            return [self._apply(message_id, raw, codec) for message_id, raw, codec, _, _ in batch]
+
+    def _batch_done(self, results, batch) -> None:
+        for (message_id, _, _, d, _), result in zip(batch, results):
+            self._applied(result, message_id)
+            d.callback(result)
+
+    def _batch_failed(self, failure, batch) -> None:
+        if len(batch) > 1:
+            # One message must not hold up the others: apply each on its own.
+            self._pending[:0] = [(m, r, c, d, True) for m, r, c, d, _ in batch]
+            return
+        message_id, _, _, d, _ = batch[0]
+        self._failed(failure, message_id)
+        d.callback(None)
 
     def _apply(self, message_id: int, raw: bytes, codec: str):
         obs = observation_of(f"message #{message_id}", raw, codec=codec, osu_tables=self.osu_tables,
