@@ -111,3 +111,10 @@ def test_the_note_creates_a_follow_up_task_and_a_closed_or_cancelled_referral_na
 def test_thresholds_are_data():
     fast = Policy(receipt_hours=4.0)
     assert [d.rule for d in due("REF-1", [SENT], fast, CAL, t(1, 18))] == ["receipt-overdue"]
+
+
+def test_a_prior_authorization_hold_does_not_hold_the_patients_notice():
+    held = e(Kind.AUTH_REQUIRED, t(1, 9))
+    got = rules([held], t(1, 9))
+    assert got["notify-patient"].deadline == t(1, 10)
+    assert "notify-patient" not in rules([held], t(1, 8))

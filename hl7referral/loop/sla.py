@@ -7,7 +7,7 @@ Defaults are the field's (``../shared/DESIGN.md`` §5, issue 6); every threshold
 rule                        due at                              while
 ==========================  ==================================  =========================
 receipt-overdue             sent + 48 h                         not delivered
-notify-patient              delivered (deadline + 1 h)          not yet booked, once
+notify-patient              delivered, or auth hold (+ 1 h)     not yet booked, once
 booking-reminder-1, -2      delivered + 5 d, + 10 d             nothing booked
 booking-overdue             delivered + 14 d (alert, attempts)  nothing booked
 check-in-reminder           appointment start − 1 d             that appointment booked
@@ -104,8 +104,12 @@ def due(referral_id: str, events, policy: Policy, calendar: Calendar, now: dt.da
     if sent is not None and delivered is None:
         fire("receipt-overdue", ALERT, sent + policy.receipt_hours * hours,
              detail=f"no receipt {policy.receipt_hours:g} h after sending")
-    if delivered is not None and current in (State.DELIVERED, State.ACCEPTED):   # not once booked or seen
-        fire("notify-patient", PATIENT, delivered, deadline=delivered + policy.notify_patient_hours * hours)
+    # The patient hears at receipt, or at once when prior authorization holds the send (the notice
+    # is not held with it); never once booked or seen.
+    notice_from = delivered if delivered is not None else _first(events, Kind.AUTH_REQUIRED)
+    if notice_from is not None and current in (State.AUTH_PENDING, State.RECEIVED, State.SENT, State.DELIVERED,
+                                               State.ACCEPTED):
+        fire("notify-patient", PATIENT, notice_from, deadline=notice_from + policy.notify_patient_hours * hours)
 
     appointments = list(facts.appointments)
     if delivered is not None and not appointments and current not in (State.SEEN, State.CANCEL_REQUESTED):
