@@ -17,7 +17,6 @@ import click
 
 from . import __version__
 from .config import ConfigError, load_engine
-from .engine.endpoints import EndpointError, server_endpoint
 from .cli_direct import pick_channel, register as register_direct
 from .cli_audit import register as register_audit
 from .cli_loop import register as register_loop, register_actions as register_loop_actions
@@ -26,7 +25,9 @@ from .send import MLLPClient, SendError, read_messages, tls_context
 from .store import Store, StoreError
 from .v2.header import BrokenHeader, NotHL7
 
-EXPECTED_ERRORS = (ConfigError, StoreError, EndpointError, SendError, OSError, BrokenHeader, NotHL7, ValueError)
+# EndpointError is a ValueError; engine.endpoints (Twisted's endpoints, ~0.3 s of imports) is
+# loaded only by the commands that build an endpoint, so store-only commands start fast.
+EXPECTED_ERRORS = (ConfigError, StoreError, SendError, OSError, BrokenHeader, NotHL7, ValueError)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -375,6 +376,7 @@ def check(config, store, overrides, listen) -> None:
 
     cfg = _load(config, store, overrides, listen)
     for lc in cfg.listeners:
+        from .engine.endpoints import server_endpoint
         server_endpoint(MemoryReactor(), lc.endpoint, lc.base_dir)
         if not cfg.channels_for(lc.name):
             click.echo(f"hl7referral: warning: listener {lc.name} has no channel; it will refuse everything",

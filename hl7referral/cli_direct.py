@@ -12,7 +12,11 @@ from pathlib import Path
 
 import click
 
-from .engine.ingest import hl7_timestamp
+
+def hl7_timestamp(seconds: float) -> str:
+    # engine.ingest's, imported when used: it pulls in Twisted, which store-only commands do not need.
+    from .engine.ingest import hl7_timestamp as stamp
+    return stamp(seconds)
 
 
 def register(main, config_options, readable_errors, load, open_store, emit, fail) -> None:
