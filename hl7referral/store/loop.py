@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..loop.states import Event, Kind, State, stage_times, state, observe_all
@@ -36,9 +36,6 @@ DURATIONS = (("d_delivered", "sent_at", "delivered_at"), ("d_accepted", "deliver
              ("d_closed", "seen_at", "closed_at"))
 _LIST = ("referral_id, created_at, updated_at, channel, specialty, destination, payer, veterinary, state, state_at, "
          "due_at, overdue_at, auth, auth_number")
-
-# (referral row, its events, SLA keys already acted on) -> (due_at, overdue_at), ISO strings or None
-Schedule = Callable[[dict, list[Event], set[str]], tuple[str | None, str | None]]
 
 
 def _seconds(a: str | None, b: str | None) -> float | None:
@@ -155,28 +152,18 @@ class Loop:
 
     # -- events ---------------------------------------------------------------------------
 
-    def apply(self, referral_id: str, events: Iterable[Event], *, at: str, actor: str, origin: str = "",
-              schedule: Schedule | None = None) -> Applied:
+    def apply(self, referral_id: str, events: Iterable[Event], *, at: str, actor: str, origin: str = "") -> Applied:
         """Add *events* (duplicates ignored), recompute the referral, audit each new event; one transaction."""
         s = self.store
         with s._lock, s._transaction():
-            return self._apply(referral_id, list(events), at=at, actor=actor, origin=origin, schedule=schedule)
+            return self._apply(referral_id, list(events), at=at, actor=actor, origin=origin)
 
-    def apply_many(self, batch: Iterable[tuple[str, list[Event], str]], *, at: str, actor: str,
-                   schedule: Schedule | None = None) -> list[Applied]:
-        """Several referrals' events (referral, events, origin) in one transaction: the bulk path."""
-        s = self.store
-        with s._lock, s._transaction():
-            return [self._apply(r, list(ev), at=at, actor=actor, origin=o, schedule=schedule) for r, ev, o in batch]
-
-    def _apply(self, referral_id: str, events: list[Event], *, at: str, actor: str, origin: str,
-               schedule: Schedule | None) -> Applied:
+    def _apply(self, referral_id: str, events: list[Event], *, at: str, actor: str, origin: str) -> Applied:
         c = self.conn
-        row = c.execute("SELECT * FROM referrals WHERE referral_id = ?", (referral_id,)).fetchone()
+        row = c.execute("SELECT state, auth FROM referrals WHERE referral_id = ?", (referral_id,)).fetchone()
         if row is None:
             raise KeyError(f"no referral {referral_id}")
-        row = dict(zip([d[0] for d in c.execute("SELECT * FROM referrals LIMIT 0").description], row))
-        before = State(row["state"])
+        before, auth = State(row[0]), row[1]
         added = []
         for e in events:
             cur = c.execute(
@@ -195,21 +182,16 @@ class Loop:
         for name, a, b in DURATIONS:
             fields[name] = _seconds(fields[a], fields[b])
         fields.update(state=after.value, updated_at=at)
-        if row.get("auth") == "required" and any(e.kind == Kind.AUTH_APPROVED for e in added):
+        if auth == "required" and any(e.kind == Kind.AUTH_APPROVED for e in added):
             fields["auth"] = "approved"   # the engine's timer tick releases the held send
         if after != before:
             fields["state_at"] = at
-        if schedule is not None:
-            row.update(fields)
-            fields["due_at"], fields["overdue_at"] = schedule(row, every, self.done_keys(referral_id))
-        else:
-            fields["due_at"] = at   # the timers look at it again at their next run (they know the policy)
+        fields["due_at"] = at   # the timers look at it again at their next run (they know the policy)
         sets = ", ".join(f"{k} = ?" for k in fields)
         c.execute(f"UPDATE referrals SET {sets} WHERE referral_id = ?", [*fields.values(), referral_id])
-        current = before
         for e in added:
             # Each audit row says what this event did; the last one ends at the recomputed state.
-            outcome = after.value if e is added[-1] else current.value
+            outcome = after.value if e is added[-1] else before.value
             append_row(c, at=at, actor=actor, referral_id=referral_id, event=e.kind.value, source=e.source or origin,
                        outcome=outcome, detail=f"event time {e.at}" + (f"; {before.value} -> {after.value}"
                                                                        if e is added[-1] and after != before else ""))
@@ -220,8 +202,7 @@ class Loop:
         s = self.store
         with s._lock, s._transaction():
             if self.conn.execute("SELECT 1 FROM referrals WHERE referral_id = ?", (referral_id,)).fetchone():
-                self._apply(referral_id, [Event(kind, at, source=source)], at=at, actor=actor, origin=source,
-                            schedule=None)
+                self._apply(referral_id, [Event(kind, at, source=source)], at=at, actor=actor, origin=source)
 
     def set_schedule(self, referral_id: str, due_at: str | None, overdue_at: str | None) -> None:
         s = self.store
@@ -402,7 +383,7 @@ class Loop:
             if row[1] == "file-note" and row[0]:
                 # No return interface: a person filed the note in the chart; that closes the loop.
                 self._apply(row[0], [Event(Kind.NOTE_FILED, at, source=f"task #{task_id} done by {by}")], at=at,
-                            actor=by, origin=f"task #{task_id}", schedule=None)
+                            actor=by, origin=f"task #{task_id}")
             append_row(self.conn, at=at, actor=by, referral_id=row[0], event="TASK_DONE", source=f"task #{task_id}",
                        outcome="done", detail=row[1])
             return True
