@@ -137,9 +137,8 @@ def _reapply(store: Store, item: dict, referral_id: str, config, by: str):
 
 
 def _reread(item: dict, config):
-    from .loop import correlate
     from .loop.reread import observation_of
-    return observation_of(item["origin"] or "", item["raw"] or b"", osu_tables=correlate.load_tables(config.loop.osu),
+    return observation_of(item["origin"] or "", item["raw"] or b"", osu_tables=config.loop.osu,
                           zone=config.loop.calendar.zone, local_root=config.local_root)
 
 

@@ -96,7 +96,7 @@ class LoopConfig:
     overrides: tuple[tuple[Rule, Policy], ...] = ()
     owners: tuple[tuple[Rule, str], ...] = ()
     auth: tuple[tuple[Rule, bool], ...] = ()
-    osu: tuple[dict, ...] = ()
+    osu: tuple = ()                 # the partners' OSU decoding tables (correlate.OsuTable), parsed at load
     return_leg: ReturnLeg = field(default_factory=ReturnLeg)
 
     def policy_for(self, channel: str = "", payer: str = "", specialty: str = "") -> Policy:
@@ -162,7 +162,7 @@ def load_loop(data: dict[str, Any], defaults: dict[str, Any], source: str, text:
         raise err("return.max_attempts", "must be at least 1")
     from ..loop.correlate import load_tables   # here: correlate imports the cda package, which imports config
     try:
-        load_tables(d.get("osu", []))
+        osu = load_tables(d.get("osu", []))
     except ValueError as exc:
         raise err("osu", str(exc).removeprefix("loop.osu")) from None
     interval = float(d.get("timer_interval", 60.0))
@@ -170,4 +170,4 @@ def load_loop(data: dict[str, Any], defaults: dict[str, Any], source: str, text:
         raise err("timer_interval", "must be more than 0 seconds")
     return LoopConfig(timer_interval=interval, coordinator=coordinator, calendar=calendar, policy=policy,
                       overrides=tuple(overrides), owners=tuple(owners), auth=tuple(auth),
-                      osu=tuple(d.get("osu", [])), return_leg=ReturnLeg(**ret))
+                      osu=osu, return_leg=ReturnLeg(**ret))

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from ..config import EngineConfig
-from ..loop import correlate
+from ..loop.reread import read_documents
 from ..loop.states import Kind
 from ..loop.tracker import Tracker
 from ..direct import packet
@@ -56,7 +56,6 @@ class DirectService(Service):
                                        and "fax" in c.transports[c.transports.index("direct") + 1:]}
         self.channels = {c.name: c for c in config.channels}
         self.tracker = Tracker(store, config.loop)   # on the Direct thread, with its connection
-        self.osu_tables = correlate.load_tables(config.loop.osu)
         self.agent.on_documents = self._loop_documents
         self.on_note = None   # (referral id, note id), called on the reactor: the note's way back
         self.send = send or smtp_client.send
@@ -132,12 +131,10 @@ class DirectService(Service):
 
     def _loop_documents(self, documents, content: bytes, mail_id: int, now: float) -> None:
         """Direct thread: read a 360X answer (v2 messages, C-CDA documents) and apply it to its referral."""
-        messages = [data for name, data in documents if data.lstrip()[:4] == b"MSH|"]
-        cdas = [data for name, data in documents if b"ClinicalDocument" in data[:4096]]
-        if not messages and not cdas:
+        obs = read_documents(documents, osu_tables=self.config.loop.osu, zone=self.config.loop.calendar.zone,
+                             local_root=self.config.local_root)
+        if obs is None:
             return
-        obs = correlate.read_package(messages, cdas, osu_table=self.osu_tables, zone=self.config.loop.calendar.zone,
-                                     local_root=self.config.local_root)
         out = self.tracker.observe(obs, now=utc(now), origin=f"mail #{mail_id}", raw=content)
         if out.referral_id is None:
             self.log.warn("ALERT Direct mail #{mid} ({type}) parked in the work queue #{item}: {why}", mid=mail_id,

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from ..config import EngineConfig
 from ..loop import correlate
 from ..loop.reread import observation_of
-from ..loop.tracker import Tracker, iso
+from ..loop.tracker import Tracker, iso, referral_facts
 from ..store import Store
 
 RECOVERY_BATCH = 500
@@ -49,7 +49,6 @@ class LoopService(Service):
         self.reactor = reactor
         self.clock = clock or reactor
         self.channels = frozenset(c.name for c in config.channels if c.tracker)
-        self.osu_tables = correlate.load_tables(config.loop.osu)
         self.tracker = Tracker(store, config.loop, render=render, reader=self.reread)   # only on the writer thread
         self.timers = LoopingCall(self.tick)
         self.timers.clock = self.clock
@@ -61,7 +60,7 @@ class LoopService(Service):
         self._busy = False
 
     def reread(self, item: dict):
-        return observation_of(item["origin"] or "", item["raw"] or b"", osu_tables=self.osu_tables,
+        return observation_of(item["origin"] or "", item["raw"] or b"", osu_tables=self.config.loop.osu,
                               zone=self.config.loop.calendar.zone, local_root=self.config.local_root)
 
     def now(self) -> dt.datetime:
@@ -143,7 +142,7 @@ class LoopService(Service):
         d.callback(None)
 
     def _apply(self, message_id: int, raw: bytes, codec: str):
-        obs = observation_of(f"message #{message_id}", raw, codec=codec, osu_tables=self.osu_tables,
+        obs = observation_of(f"message #{message_id}", raw, codec=codec, osu_tables=self.config.loop.osu,
                              zone=self.config.loop.calendar.zone, local_root=self.config.local_root)
         now = self.now()
         loop = self.tracker.loop
@@ -178,7 +177,7 @@ class LoopService(Service):
     def open_referral(self, store: Store, *, referral_id: str, channel: str, message_id: int, referral,
                       destination) -> bool:
         """Writer thread, in the document's job: record the referral; True when its send is held."""
-        facts = correlate_facts(referral, destination)
+        facts = referral_facts(referral, destination) if referral is not None else {}
         specialty = getattr(destination, "specialty", "") or facts.get("specialty", "")
         keys = [(k, i + 1) for i, k in enumerate(correlate.referral_keys(referral_id)) if k != referral_id]
         state = self.tracker.open(referral_id, now=self.now(), channel=channel, facts=facts, message_id=message_id,
@@ -204,8 +203,3 @@ class LoopService(Service):
             self.log.info("referral {ref}: authorization approved, releasing the send", ref=referral_id)
             if self.on_release is not None:
                 self.on_release(referral_id)
-
-
-def correlate_facts(referral, destination) -> dict:
-    from ..loop.tracker import referral_facts
-    return referral_facts(referral, destination) if referral is not None else {}
