@@ -106,6 +106,11 @@ class LoopConfig:
         """Who owns this referral's alerts: a named coordinator or a role, never nobody."""
         return _best(self.owners, channel, payer, specialty) or self.coordinator
 
+    def owner_of(self, referral: dict) -> str:
+        """:meth:`owner_for` a stored referral row (its channel, payer and specialty)."""
+        return self.owner_for(referral.get("channel") or "", referral.get("payer") or "",
+                              referral.get("specialty") or "")
+
     def auth_required(self, payer: str = "", specialty: str = "", channel: str = "") -> bool:
         """Do the payer rules hold this referral's send until authorization is approved?"""
         return bool(_best(self.auth, channel, payer, specialty))

@@ -102,11 +102,10 @@ class ReturnService(MultiService):
         at = iso_timestamp(now)
         row = loop.get(referral_id) or {}
         if self.sender is None:
-            owner = self.config.loop.owner_for(row.get("channel") or "", row.get("payer") or "",
-                                               row.get("specialty") or "")
             loop.add_task(key=f"{referral_id}/file-note/{note_id}", at=at, referral_id=referral_id, kind="file-note",
-                          owner=owner, text=f"File consult note #{note_id} in the referring chart (no return "
-                                            f"interface is configured); marking this done closes the referral")
+                          owner=self.config.loop.owner_of(row),
+                          text=f"File consult note #{note_id} in the referring chart (no return interface is "
+                               f"configured); marking this done closes the referral")
             return "needs filing by hand (task)"
         note = loop.note(note_id)
         original = store.get_message(row["message_id"]) if row.get("message_id") else None
@@ -191,7 +190,6 @@ class ReturnService(MultiService):
             Outbox(store).update(row["id"], event="failed", at=at, detail=why, state="FAILED",
                                  attempts=row["attempts"] + 1, last_error=why)
             loop = Loop(store)
-            r = loop.get(row["referral_id"]) or {}
-            owner = self.config.loop.owner_for(r.get("channel") or "", r.get("payer") or "", r.get("specialty") or "")
+            owner = self.config.loop.owner_of(loop.get(row["referral_id"]) or {})
             loop.alert(key=f"{row['idempotency_key']}/failed", kind="note-return-failed", text=why, at=at, owner=owner,
                        referral_id=row["referral_id"], channel=row["channel"])

@@ -222,12 +222,12 @@ class Tracker:
         policy = self.config.policy_for(row["channel"] or "", row["payer"] or "", row["specialty"] or "")
         calendar = self.config.calendar
         done = self.loop.done_keys(referral_id)
+        owner = self.config.owner_of(row)
         acted = []
         for item in sla.due(referral_id, events, policy, calendar, now):
             if item.key in done:
                 continue
-            how = self._act(row, item, now, events)
-            owner = self.config.owner_for(row["channel"] or "", row["payer"] or "", row["specialty"] or "")
+            how = self._act(row, item, now, events, owner)
             if self.loop.fire(key=item.key, referral_id=referral_id, rule=item.rule, action=item.action,
                               due_at=iso(item.at), at=iso(now), owner=owner, outcome=how):
                 acted.append(Acted(item.key, referral_id, item.rule, item.action, owner, how))
@@ -250,10 +250,9 @@ class Tracker:
             values["appointment"] = item.key.split("/", 2)[2]   # check-in and no-show items name the appointment
         return values
 
-    def _act(self, row: dict, item: sla.Due, now: dt.datetime, events: list[Event]) -> str:
+    def _act(self, row: dict, item: sla.Due, now: dt.datetime, events: list[Event], owner: str) -> str:
         at = iso(now)
         referral_id = row["referral_id"]
-        owner = self.config.owner_for(row["channel"] or "", row["payer"] or "", row["specialty"] or "")
         contact = json.loads(row.get("contact") or "{}")
         audience = AUDIENCE[item.action]
         values = self._values(row, item, events)
