@@ -36,20 +36,20 @@ MAX_ATTEMPTS = 8
 FIRST_DELAY, MAX_DELAY = 60.0, 3600.0
 
 
+def channel_settings(config: EngineConfig) -> dict:
+    """Each channel's notify settings (its [notify] over the engine's), by channel name."""
+    return {ch.name: merge_notify(config.notify, ch.notify) for ch in config.channels}
+
+
 def make_render(config: EngineConfig):
     """The tracker's Render hook: the channel's notify settings over the engine's, addressed and rendered."""
-    merged: dict[str, object] = {}
-
-    def settings(channel: str):
-        if channel not in merged:
-            ch = next((c for c in config.channels if c.name == channel), None)
-            merged[channel] = merge_notify(config.notify, ch.notify) if ch is not None else config.notify
-        return merged[channel]
+    merged = channel_settings(config)
 
     def render(audience: str, rule: str, row: dict, values: dict, owner: str):
         contact = json.loads(row.get("contact") or "{}")
         to = {"patient": contact.get("email", ""), "specialist": contact.get("specialist_email", "")}.get(audience, "")
-        return settings(row.get("channel") or "").messages(audience, rule, values, owner=owner, to=to)
+        settings = merged.get(row.get("channel") or "", config.notify)
+        return settings.messages(audience, rule, values, owner=owner, to=to)
     return render
 
 
@@ -73,8 +73,8 @@ class NotifyService(Service):
     @staticmethod
     def _build(config: EngineConfig) -> dict:
         built = dict(config.notify.build_notifiers())
-        for ch in config.channels:
-            built.update(merge_notify(config.notify, ch.notify).build_notifiers())
+        for settings in channel_settings(config).values():
+            built.update(settings.build_notifiers())
         return built
 
     def startService(self) -> None:
