@@ -79,7 +79,7 @@ def due(referral_id: str, events, policy: Policy, calendar: Calendar, now: dt.da
     """Every rule due at *now* for this referral (the caller skips keys it has acted on).
 
     With *horizon* (later than *now*), also the rules that will fall due by then if nothing
-    else happens: :func:`next_due` uses it to know when to look at this referral again.
+    else happens: the tracker uses it to know when to look at this referral again.
     """
     horizon = horizon or now
     events = list({e.key(): e for e in events}.values())
@@ -139,16 +139,3 @@ def due(referral_id: str, events, policy: Policy, calendar: Calendar, now: dt.da
         fire("note-escalation", ALERT, calendar.add_business_days(seen, policy.note_escalation_business_days),
              detail=f"no consult note {policy.note_escalation_business_days} business days after the visit")
     return out
-
-
-def next_due(referral_id: str, events, policy: Policy, calendar: Calendar, now: dt.datetime,
-             done: frozenset[str] | set[str] = frozenset()) -> dt.datetime | None:
-    """When this referral next needs a look: the earliest rule not in *done* (may be now or past)."""
-    pending = [d.at for d in due(referral_id, events, policy, calendar, now, horizon=FAR) if d.key not in done]
-    return min(pending) if pending else None
-
-
-def overdue_since(referral_id: str, events, policy: Policy, calendar: Calendar, now: dt.datetime) -> dt.datetime | None:
-    """The earliest escalation (coordinator alert) due at *now*: the referral is overdue since then."""
-    alerts = [d.at for d in due(referral_id, events, policy, calendar, now) if d.action == ALERT]
-    return min(alerts) if alerts else None

@@ -181,20 +181,20 @@ class Tracker:
         """A parked item read again (:mod:`reread`): applied to *referral_id* when a person names it,
         else to what its keys name now (the referral may have arrived since); resolved if applied."""
         at = iso(now)
-        target = referral_id or self.loop.find(obs.keys).referral_id
+        match = None if referral_id else self.loop.find(obs.keys)
+        target = referral_id or match.referral_id
         if referral_id is None and obs.problems:
             return Outcome(None, workqueue_id=item["id"], reason="; ".join(obs.problems))   # a person must look
         if target is None or self.loop.get(target) is None:
-            return Outcome(None, workqueue_id=item["id"], reason=self.loop.find(obs.keys).reason)
+            return Outcome(None, workqueue_id=item["id"], reason=(match or self.loop.find(obs.keys)).reason)
         with self.loop.store.atomic():
             events = [e for e in obs.events if e.at]   # an event whose time could not be read is not guessed
             a = self.loop.apply(target, events, at=at, actor=by, origin=f"workqueue #{item['id']}")
-            self.loop.conn.execute("UPDATE notes SET referral_id = ? WHERE workqueue_id = ? AND referral_id IS NULL",
-                                   (target, item["id"]))
-            note = self.loop.conn.execute("SELECT id FROM notes WHERE workqueue_id = ?", (item["id"],)).fetchone()
+            # resolve() also gives the item's kept note (if any) to the referral.
             self.loop.resolve(item["id"], at=at, by=by, referral_id=target,
                               resolution=f"replayed onto {target}" + ("" if referral_id else " (keys match now)"))
-        return Outcome(target, a.added, a.before, a.after, workqueue_id=item["id"], note_id=note[0] if note else None)
+        return Outcome(target, a.added, a.before, a.after, workqueue_id=item["id"],
+                       note_id=self.loop.note_of_item(item["id"]))
 
     def _keep_note(self, obs, referral_id, at, origin, workqueue_id) -> int | None:
         note = obs.note
@@ -224,7 +224,10 @@ class Tracker:
         done = self.loop.done_keys(referral_id)
         owner = self.config.owner_of(row)
         acted = []
-        for item in sla.due(referral_id, events, policy, calendar, now):
+        # One evaluation serves all three: what is due now, when to look again, and since when overdue.
+        upcoming = sla.due(referral_id, events, policy, calendar, now, horizon=sla.FAR)
+        due_now = [d for d in upcoming if d.at <= now]
+        for item in due_now:
             if item.key in done:
                 continue
             how = self._act(row, item, now, events, owner)
@@ -232,8 +235,8 @@ class Tracker:
                               due_at=iso(item.at), at=iso(now), owner=owner, outcome=how):
                 acted.append(Acted(item.key, referral_id, item.rule, item.action, owner, how))
             done.add(item.key)
-        nxt = sla.next_due(referral_id, events, policy, calendar, now, done)
-        overdue = sla.overdue_since(referral_id, events, policy, calendar, now)
+        nxt = min((d.at for d in upcoming if d.key not in done), default=None)
+        overdue = min((d.at for d in due_now if d.action == sla.ALERT), default=None)
         self.loop.set_schedule(referral_id, iso(nxt) if nxt else None, iso(overdue) if overdue else None)
         return acted
 

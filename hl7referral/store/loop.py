@@ -343,6 +343,12 @@ class Loop:
         rows = list(self.store.db.query("SELECT * FROM notes WHERE id = ?", [int(note_id)]))
         return rows[0] if rows else None
 
+    def note_of_item(self, item_id: int) -> int | None:
+        """The note kept with a work-queue item, if it carried one."""
+        row = self.conn.execute("SELECT id FROM notes WHERE workqueue_id = ? ORDER BY id LIMIT 1",
+                                (item_id,)).fetchone()
+        return row[0] if row else None
+
     def note_returned(self, note_id: int, at: str) -> None:
         s = self.store
         with s._lock, s._transaction():
