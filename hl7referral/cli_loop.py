@@ -285,8 +285,9 @@ def register(main, config_options, readable_errors, load, open_store, emit, fail
         try:
             loop, who = _loop(s), _who(by)
             if not loop.task_done(task_id, at=_now(), by=who, note=note):
-                row = s.conn.execute("SELECT done_at, done_by FROM tasks WHERE id = ?", (task_id,)).fetchone()
-                fail(f"task #{task_id} was done already ({row[0]} by {row[1]})" if row else f"no task #{task_id}", 1)
+                row = loop.task(task_id)
+                fail(f"task #{task_id} was done already ({row['done_at']} by {row['done_by']})" if row
+                     else f"no task #{task_id}", 1)
             click.echo(f"task #{task_id} done by {who}")
         finally:
             s.close()

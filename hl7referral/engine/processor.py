@@ -180,12 +180,6 @@ class Processor:
 
     def release(self, referral_id: str) -> Deferred:
         """A referral held for authorization was approved: hand its ready document to the transports."""
-        def load(store):
-            doc = store.db.query("SELECT d.id, d.channel, d.xml, m.raw, m.charset FROM documents d JOIN messages m "
-                                 "ON m.id = d.message_id WHERE d.referral_id = ? AND d.status = 'ready' "
-                                 "ORDER BY d.id DESC LIMIT 1", [referral_id])
-            return next(iter(doc), None)
-
         def remap(row):
             if row is None:
                 self.log.warn("referral {ref}: approved, but no ready document to send", ref=referral_id)
@@ -197,7 +191,7 @@ class Processor:
             if self.on_ready is not None:
                 return self.on_ready(document_id=row["id"], channel=row["channel"], referral_id=referral_id,
                                      cda=row["xml"], raw=row["raw"], destination=dest, referral=referral)
-        return self.committer.run(load).addCallback(remap)
+        return self.committer.run(lambda store: store.ready_document_for(referral_id)).addCallback(remap)
 
     def _remap(self, row: dict):
         # The stored document is what goes; the model only gives the transports the patient id and

@@ -378,6 +378,10 @@ class Loop:
         return [dict(r) for r in self.store.db.query(
             f"SELECT * FROM tasks {clause} ORDER BY id LIMIT ?", [*args, int(limit)])]
 
+    def task(self, task_id: int) -> dict | None:
+        rows = list(self.store.db.query("SELECT * FROM tasks WHERE id = ?", [int(task_id)]))
+        return rows[0] if rows else None
+
     def task_done(self, task_id: int, *, at: str, by: str, note: str = "") -> bool:
         s = self.store
         with s._lock, s._transaction():

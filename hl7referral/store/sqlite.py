@@ -522,6 +522,13 @@ class Store:
         rows = list(self.db.query("SELECT * FROM documents WHERE id = ?", [int(document_id)]))
         return rows[0] if rows else None
 
+    def ready_document_for(self, referral_id: str) -> dict | None:
+        """The referral's latest ready document with its message's raw bytes (id, channel, xml, raw, charset)."""
+        rows = list(self.db.query(
+            "SELECT d.id, d.channel, d.xml, m.raw, m.charset FROM documents d JOIN messages m ON m.id = d.message_id "
+            "WHERE d.referral_id = ? AND d.status = 'ready' ORDER BY d.id DESC LIMIT 1", [referral_id]))
+        return rows[0] if rows else None
+
     def list_alerts(self, *, limit: int = 50) -> list[dict]:
         return [dict(r) for r in self.db.query("SELECT * FROM alerts ORDER BY id DESC LIMIT ?", [int(limit)])]
 
