@@ -148,3 +148,39 @@ def test_the_contact_for_notices_is_the_patient_or_for_a_pet_the_owner(sample, c
     facts = referral_facts(processed.referral, processed.destination)
     assert contact_phone in facts["phone"].replace("-", "") and facts["veterinary"] is vet
     assert facts["specialist"] == processed.destination.name and facts["referring_provider"]
+
+
+def test_the_referral_row_is_what_all_its_events_give_whatever_the_arrival_order(store):
+    """Stage times, durations and state as the report reads them, after every arrival, in any order;
+    a late event that moves an earlier stage (the accept before the booking that implied it) rewrites it."""
+    import random
+
+    from hl7referral.loop.states import stage_times, state, observe_all
+    from hl7referral.store.loop import DURATIONS
+
+    events = [Event(Kind.SENT, iso(t(1, 9)), source="outbox #1"),
+              Event(Kind.DELIVERED, iso(t(1, 10)), source="mdn"),
+              Event(Kind.ACCEPTED, iso(t(2, 8)), source="OSU"),
+              Event(Kind.BOOKED, iso(t(3, 8)), appointment="A1", starts=iso(t(9)), source="SIU^S12"),
+              Event(Kind.NO_SHOW, iso(t(9, 12)), appointment="A1", source="SIU^S26"),
+              Event(Kind.BOOKED, iso(t(10, 8)), appointment="A2", starts=iso(t(16)), source="SIU^S12 again"),
+              Event(Kind.VISIT_DONE, iso(t(16, 10)), appointment="A2", source="SIU^S14")]
+    columns = {"SENT": "sent_at", "DELIVERED": "delivered_at", "ACCEPTED": "accepted_at", "SCHEDULED": "scheduled_at",
+               "SEEN": "seen_at", "CLOSED": "closed_at"}
+    for seed in range(6):
+        order = random.Random(seed).sample(events, len(events))
+        tr = tracker(store)
+        ref = f"ORDER{seed}"
+        tr.open(ref, now=t(1, 8), channel="ref-i12", facts=FACTS)
+        for k, e in enumerate(order, 1):
+            tr.loop.apply(ref, [e], at=iso(t(20, 0, k)), actor="test")
+            row = tr.loop.get(ref)
+            stages = stage_times(order[:k])
+            want = {col: stages.get(State(name)) for name, col in columns.items()}
+            for name, a, b in DURATIONS:
+                want[name] = ((dt.datetime.fromisoformat(want[b][:-1]) - dt.datetime.fromisoformat(want[a][:-1]))
+                              .total_seconds() if want[a] and want[b] else None)
+            got = {k2: row[k2] for k2 in want}
+            assert got == want and row["state"] == state(observe_all(order[:k])).value, (seed, k)
+            assert row["updated_at"] == iso(t(20, 0, k))
+        assert row["state"] == "SEEN"

@@ -12,7 +12,7 @@ import email.policy
 import re
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hl7referral.direct.mdn import (
@@ -444,6 +444,59 @@ def test_fuzz_mutated_mdns(raw, at, cut, insert):
         assert result.original_message_id.startswith("<") and result.original_message_id.endswith(">")
         assert result.disposition == result.disposition.lower() and result.disposition
     assert isinstance(is_mdn(mutated), bool)
+
+
+def _flattened_fields(part) -> dict[str, str]:
+    """The notification fields read from the part flattened back by the stdlib generator (the reference)."""
+    import io
+    from email.generator import BytesGenerator
+
+    inner = part.get_payload()[0]
+    buf = io.BytesIO()
+    BytesGenerator(buf, mangle_from_=False, maxheaderlen=0).flatten(inner)
+    raw = buf.getvalue()
+    if str(part.get("Content-Transfer-Encoding", "")).strip().lower() == "base64":
+        raw = base64.b64decode(b"".join(raw.split()), validate=False)
+    fields: dict[str, str] = {}
+    for line in re.sub(r"\r?\n(?=[ \t])", "", raw.decode("utf-8", errors="replace")).splitlines():
+        name, colon, value = line.partition(":")
+        name = name.strip().lower()
+        if colon and name and " " not in name:
+            fields.setdefault(name, " ".join(value.split()))
+    return fields
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([RI_DISPATCHED, FOLDED_PROCESSED, SIGNED_FAILED, ERROR_MODIFIER, build("dispatched")[1]]),
+    st.integers(min_value=0, max_value=2000),
+    st.integers(min_value=0, max_value=20),
+    st.lists(st.sampled_from([b"\r\n", b"\n", b"\r", b"\r ", b" ", b"\t", b":", b"x", b"\r\n\r\n", b"\xc3\xa9",
+                              b"\xff", b"\x0c", b"Content-Type: text/plain\r\n"]), max_size=4),
+)
+@example(FOLDED_PROCESSED, FOLDED_PROCESSED.index(b"\r\n  processed"), 2, [b"\r"])   # a fold after a bare CR
+@example(FOLDED_PROCESSED, FOLDED_PROCESSED.index(b"\r\n  Example"), 1, [b"\x0c"])   # a form feed in a field
+def test_notification_fields_are_read_as_the_generator_writes_them(raw, at, cut, insert):
+    """The fields are read off the parsed part directly; that must give what flattening it gave."""
+    from hl7referral.direct import mdn
+
+    at = at % (len(raw) + 1)
+    message = email.message_from_bytes(raw[:at] + b"".join(insert) + raw[at + cut:], policy=email.policy.compat32)
+    parts = [p for p in message.walk() if p.get_content_type() == "message/disposition-notification"]
+    if not parts or not parts[0].is_multipart() or not parts[0].get_payload():
+        return
+    try:
+        expected = _flattened_fields(parts[0])
+    except Exception:   # the generator refuses it (then so does parse_mdn, with an MdnError)
+        with pytest.raises(MdnError):
+            mdn._fields(parts[0])
+        return
+    assert mdn._fields(parts[0]) == expected
+
+
+def test_an_8bit_field_is_read_as_utf8():
+    raw = FOLDED_PROCESSED.replace(b"Example HISP", "Exemple de HISP d\u00e9j\u00e0".encode())
+    assert parse_mdn(raw).reporting_ua == "direct.receiver.test; Exemple de HISP d\u00e9j\u00e0 Security Agent 6.1"
 
 
 def test_parse_refuses_non_bytes():

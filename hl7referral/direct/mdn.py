@@ -61,6 +61,7 @@ _MAX_DEPTH = 4  # how far parse_mdn looks inside multipart/signed or message/rfc
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")  # one level of RFC 5322 comment is all peers write
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
+_UNUSUAL = re.compile(r"[^\t\r\n\x20-\x7e]")  # not printable ASCII nor a line break: see _fields
 
 
 class MdnError(ValueError):
@@ -331,22 +332,24 @@ def _fields(part: email.message.Message) -> dict[str, str]:
     """The notification fields, lower-case name → unfolded value (first occurrence wins).
 
     compat32 parses a message/* part as an embedded message whose "headers" are our fields;
-    flattening it back and reading every ``name: value`` line also recovers fields a peer put
-    after a stray blank line, and a base64 part (not allowed for message/*, but seen).
+    reading them as parsed, then every ``name: value`` line of its body, also recovers fields a
+    peer put after a stray blank line, and a base64 part (not allowed for message/*, but seen).
     """
     if part.get_content_type() == "message/disposition-notification" and part.is_multipart():
         payload = part.get_payload()
         inner = payload[0] if payload else email.message.Message()
     else:
         inner = part
-    buf = io.BytesIO()
-    try:
-        BytesGenerator(buf, mangle_from_=False, maxheaderlen=0).flatten(inner)
-    except Exception as exc:  # noqa: BLE001 - stdlib generator on hostile input; see _parse_message
-        raise MdnError(f"unreadable disposition-notification part: {type(exc).__name__}") from None
-    raw = buf.getvalue()
-    if inner is part:  # a top-level message/disposition-notification: fields are its body
-        raw = raw.partition(b"\n\n")[2] if b"\n\n" in raw else raw
+    raw = _plain_lines(inner) if inner is not part else None
+    if raw is None:
+        buf = io.BytesIO()
+        try:
+            BytesGenerator(buf, mangle_from_=False, maxheaderlen=0).flatten(inner)
+        except Exception as exc:  # noqa: BLE001 - stdlib generator on hostile input; see _parse_message
+            raise MdnError(f"unreadable disposition-notification part: {type(exc).__name__}") from None
+        raw = buf.getvalue()
+        if inner is part:  # a top-level message/disposition-notification: fields are its body
+            raw = raw.partition(b"\n\n")[2] if b"\n\n" in raw else raw
     if str(part.get("Content-Transfer-Encoding", "")).strip().lower() == "base64":
         try:
             raw = binascii.a2b_base64(b"".join(raw.split()))
@@ -360,6 +363,25 @@ def _fields(part: email.message.Message) -> dict[str, str]:
         if colon and name and " " not in name:
             fields.setdefault(name, " ".join(value.split()))
     return fields
+
+
+def _plain_lines(inner: email.message.Message) -> bytes | None:
+    """The embedded message's lines as the generator would write them, when it is plain.
+
+    Plain: printable ASCII header pairs and text body, the usual shape. They are then the pairs as
+    the parser stored them (folds kept, unfolded by the caller) and the body, line breaks made LF:
+    the generator's very output, without its cost (re-folding every header cost more than the
+    whole MIME parse). None otherwise (8-bit octets, which get_payload() would have replaced;
+    control characters, some of which the generator takes for line breaks; a nested entity):
+    the caller flattens those back as received.
+    """
+    body = inner.get_payload()
+    pairs = list(inner.raw_items())
+    if not (body is None or isinstance(body, str)) or _UNUSUAL.search(body or "") \
+            or any(not isinstance(v, str) or _UNUSUAL.search(name + v) for name, v in pairs):
+        return None
+    text = "".join(f"{name}: {value}\n" for name, value in pairs) + "\n" + (body or "")
+    return text.replace("\r\n", "\n").replace("\r", "\n").encode("ascii")
 
 
 def _parse_disposition(value: str) -> tuple[str, str, tuple[str, ...]]:

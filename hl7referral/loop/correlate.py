@@ -100,7 +100,7 @@ from ..cda.validate import safe_parser
 from ..v2 import charset
 from ..v2.header import BOM, BrokenHeader, Header, NotHL7, read_header, strip_leading
 from ..v2.paths import Reader, Repetition, parse_path
-from .states import Event, Kind
+from .states import Event, Kind, utc_text
 
 DEFAULT_LOCAL_ROOT = "2.16.840.1.113883.19"   # config.engine's default cda.local_root
 
@@ -242,7 +242,7 @@ def hl7_time(value: str, zone: str = "UTC", where: str = "") -> tuple[str, str]:
         notes.append(f"no UTC offset: taken as {zone or 'UTC'}")
     if not hour:
         notes.append("date only")
-    return utc.strftime("%Y-%m-%dT%H:%M:%SZ"), f"{label}: {', '.join(notes)}" if notes else ""
+    return utc_text(utc), f"{label}: {', '.join(notes)}" if notes else ""
 
 
 def iso_time(value: str | dt.datetime) -> tuple[str, str]:
@@ -254,7 +254,7 @@ def iso_time(value: str | dt.datetime) -> tuple[str, str]:
             t = dt.datetime.fromisoformat(str(value).strip().replace("Z", "+00:00"))
         note = "" if t.tzinfo else f"{value!s} has no UTC offset: taken as UTC"
         t = t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
-        return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), note
+        return utc_text(t), note
     except (ValueError, TypeError, OverflowError):
         return "", f"{value!r} is not an ISO-8601 time"
 
@@ -460,12 +460,16 @@ class _Message:
         self.component = reader.component
         self.subcomponent = reader.subcomponent
         self.repetition = reader.repetition
+        self._segments: dict[str, list] = {}   # a reader asks for the same few segments many times
 
     def all(self, name: str) -> list:
-        path = _SEGMENT_PATHS.get(name)
-        if path is None:
-            path = _SEGMENT_PATHS[name] = parse_path(f"{name}(*)")
-        return self.reader.segments(path)
+        found = self._segments.get(name)
+        if found is None:
+            path = _SEGMENT_PATHS.get(name)
+            if path is None:
+                path = _SEGMENT_PATHS[name] = parse_path(f"{name}(*)")
+            found = self._segments[name] = self.reader.segments(path)
+        return found
 
     def first(self, name: str):
         found = self.all(name)
@@ -760,8 +764,11 @@ def _ref(c: _Ctx, trigger: str, table: OsuTable) -> None:
 
 # -- SIU --------------------------------------------------------------------------------------
 
+_STATUS_NOISE = re.compile(r"[\s_\-]")
+
+
 def _norm(status: str) -> str:
-    return re.sub(r"[\s_\-]", "", status).lower()
+    return _STATUS_NOISE.sub("", status).lower()
 
 
 _VISIT_DONE = {"complete", "completed", "checkedout", "checkout", "discharged", "departed", "started", "arrived",

@@ -28,14 +28,14 @@ from ..config.loop import LoopConfig
 from ..store.loop import Loop
 from ..store.sqlite import Store
 from . import sla
-from .states import Event, Kind, State
+from .states import Event, Kind, State, utc_text
 
 UTC = dt.timezone.utc
 AUDIENCE = {sla.ALERT: "coordinator", sla.PATIENT: "patient", sla.SPECIALIST: "specialist", sla.REFERRER: "referrer"}
 
 
 def iso(at: dt.datetime) -> str:
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc_text(at)
 
 
 def parse_iso(text: str) -> dt.datetime:
@@ -168,13 +168,14 @@ class Tracker:
                                   reason=why, raw=raw)
             note_id = self._keep_note(obs, None, at, origin, item)
             return Outcome(None, workqueue_id=item, note_id=note_id, reason=why)
+        # Later messages may name this referral only by an appointment or document id.
+        learned = [(f"{kind}:{value}", 5) for kind, value in obs.keys
+                   if kind not in ("referral", "placer", "control", "message-id") and value]
         with self.loop.store.atomic():
             note_id = self._keep_note(obs, match.referral_id, at, origin, None)
             a = self.loop.apply(match.referral_id, obs.events, at=at, actor="tracker", origin=origin)
-            # Later messages may name this referral only by an appointment or document id.
-            self.loop.add_keys(match.referral_id, [(f"{kind}:{value}", 5) for kind, value in obs.keys
-                                                   if kind not in ("referral", "placer", "control", "message-id")
-                                                   and value])
+            if learned:
+                self.loop.add_keys(match.referral_id, learned)
         return Outcome(match.referral_id, a.added, a.before, a.after, note_id=note_id)
 
     def replay(self, item: dict, obs, *, now: dt.datetime, by: str, referral_id: str | None = None) -> Outcome:

@@ -27,10 +27,12 @@ from .sqlite import Store, where_equal
 
 GENESIS = "0" * 64
 _FIELDS = ("id", "at", "actor", "referral_id", "event", "source", "outcome", "detail")
+# The canonical form, made once: json.dumps() with these options builds a new encoder per call.
+_CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
 def _digest(prev: str, row: dict) -> str:
-    body = json.dumps({k: row.get(k) for k in _FIELDS}, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    body = _CANONICAL.encode({k: row.get(k) for k in _FIELDS})
     return hashlib.sha256(prev.encode("ascii") + b"\n" + body.encode("utf-8")).hexdigest()
 
 
