@@ -3,6 +3,14 @@
 Every command that reads the store takes the same ``--config``/``--store``/
 ``--set`` options. Errors print one readable line on stderr and exit non-zero;
 a traceback only with ``HL7REFERRAL_DEBUG=1``.
+
+Start-up is part of every command's time (a coordinator times ``report`` as a
+whole), so this module and the ``cli_*`` modules import only click and the
+store at the top: a command imports what it needs in its body (Twisted, lxml,
+the mapping pipeline, the MLLP client). The commands that only read the store
+open it with :func:`~hl7referral.config.source.load_store`, the store's settings
+alone; the commands that use channels, mappings or transports load and check
+the whole configuration (``load_engine``), ``check`` and ``serve`` first.
 """
 
 from __future__ import annotations
@@ -16,18 +24,24 @@ import time
 import click
 
 from . import __version__
-from .config import ConfigError, load_engine
+from .config.schema import ConfigError
+from .config.source import load_store
 from .cli_direct import pick_channel, register as register_direct
 from .cli_audit import register as register_audit
 from .cli_loop import register as register_loop, register_actions as register_loop_actions
 from .cli_fax import register as register_fax
-from .send import MLLPClient, SendError, read_messages, tls_context
 from .store import Store, StoreError
-from .v2.header import BrokenHeader, NotHL7
 
-# EndpointError is a ValueError; engine.endpoints (Twisted's endpoints, ~0.3 s of imports) is
-# loaded only by the commands that build an endpoint, so store-only commands start fast.
-EXPECTED_ERRORS = (ConfigError, StoreError, SendError, OSError, BrokenHeader, NotHL7, ValueError)
+# EndpointError, BrokenHeader and NotHL7 are ValueErrors: engine.endpoints (Twisted's endpoints,
+# ~0.3 s of imports) and v2.header are loaded only by the commands that use them.
+EXPECTED_ERRORS = (ConfigError, StoreError, OSError, ValueError)
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """What a command reports in one line. Asked only once something was raised, so the MLLP
+    client's module (ssl, sockets) is imported by the commands that send, not by every command."""
+    from .send import SendError
+    return (*EXPECTED_ERRORS, SendError)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -40,8 +54,8 @@ def readable_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except EXPECTED_ERRORS as exc:
-            if os.environ.get("HL7REFERRAL_DEBUG"):
+        except Exception as exc:
+            if not isinstance(exc, expected_errors()) or os.environ.get("HL7REFERRAL_DEBUG"):
                 raise
             message = str(exc) if not isinstance(exc, OSError) or not exc.strerror else \
                 f"{exc.filename or ''}: {exc.strerror}".lstrip(": ")
@@ -68,6 +82,8 @@ def emit(rows: list[dict], as_json: bool, line) -> None:
 
 
 def _load(config, store, overrides, listen=()):
+    """The whole configuration, checked: channels, mappings, directory, transports, loop, notify."""
+    from .config.engine import load_engine
     return load_engine(config, overrides=overrides, store=store, listen=listen)
 
 
@@ -148,6 +164,8 @@ def send(host, port, timeout, tls, ca, cert, key, server_name, files) -> None:
     Each line: control id, MSA-1, error text. Exit status 1 if any message was
     not accepted (AA/CA), or its ACK did not echo its MSH-10 in MSA-2.
     """
+    from .send import MLLPClient, read_messages, tls_context
+
     context = tls_context(ca, cert, key) if (tls or ca or cert) else None
     messages = [m for f in files for m in read_messages(f)]
     if not messages:
@@ -170,8 +188,8 @@ def messages() -> None:
 
 
 def _open_store(config, store, overrides) -> Store:
-    cfg = _load(config, store, overrides)
-    return Store.open(cfg.store_path, readonly=True)
+    """The store, read-only, for the commands that only read it: only its settings are loaded."""
+    return Store.open(load_store(config, overrides=overrides, store=store).path, readonly=True)
 
 
 @messages.command("list")
@@ -277,6 +295,7 @@ def map_command(config, store, overrides, channel_name, validate_only, message) 
     """
     from .cda.pipeline import Pipeline
     from .engine.ingest import hl7_timestamp
+    from .send import read_messages
 
     cfg = _load(config, store, overrides)
     raws = read_messages(message)

@@ -116,6 +116,24 @@ def _writable_store(load, config, store, overrides) -> Store:
     return Store.open(path)
 
 
+def referral_to_change(cfg, ref_id: str, fail) -> tuple[Store, object, dict]:
+    """A writable store of *cfg*, its Loop and the referral REF_ID names (``fail`` exits 1 when none);
+    the caller closes the store."""
+    path = cfg.store_path
+    if not Path(path).exists():
+        raise StoreError(f"store {path} does not exist")
+    s = Store.open(path)
+    try:
+        loop = _loop(s)
+        row, problem = _find_referral(loop, ref_id)
+        if row is None:
+            fail(problem, 1)
+    except BaseException:
+        s.close()
+        raise
+    return s, loop, row
+
+
 def _find_referral(loop, ref: str) -> tuple[dict | None, str]:
     """The referral named by its id or by any correlation form; else (None, why not)."""
     row = loop.get(ref)
@@ -456,12 +474,8 @@ def register_actions(main, config_options, readable_errors, load, open_store, em
         """Record the authorization; the engine then sends the held referral (at its next timer tick)."""
         from .loop.tracker import Tracker
         cfg = load(config, store, overrides)
-        s = _writable_store(load, config, store, overrides)
+        s, loop, row = referral_to_change(cfg, ref_id, fail)
         try:
-            loop = _loop(s)
-            row, problem = _find_referral(loop, ref_id)
-            if row is None:
-                fail(problem, 1)
             if row["state"] != State.AUTH_PENDING.value:
                 fail(f"referral {row['referral_id']} is {row['state']}, not held for authorization", 1)
             after = Tracker(s, cfg.loop).approve(row["referral_id"], number=number, now=_utcnow(),

@@ -27,6 +27,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -182,6 +184,39 @@ def test_a_store_without_loop_tables_or_missing_is_one_line(tmp_path):
     assert done.exit_code == 2 and len(done.output.splitlines()) == 1 and "does not exist" in done.output
     done = CliRunner().invoke(main, ["tasks", "done", "1", "--store", str(tmp_path / "none.db")])
     assert done.exit_code == 2 and not (tmp_path / "none.db").exists()
+
+
+# What a store-only command must not import: each costs its start-up more than a million-referral query
+# (the engine and its Twisted reactor, the mapping pipeline and lxml, plugins, sqlite-utils, the MLLP client).
+HEAVY = ("twisted", "lxml", "hl7", "sqlite_utils", "importlib.metadata", "ssl", "hl7referral.config.engine",
+         "hl7referral.config.channels", "hl7referral.cda", "hl7referral.engine", "hl7referral.plugins",
+         "hl7referral.send")
+
+
+@pytest.mark.parametrize("args", [("report",), ("report", "--json"), ("referrals", "list", "--overdue"),
+                                  ("status", "R1"), ("tasks", "list")])
+def test_store_only_commands_start_without_the_engine(path, args):
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "hl7referral", *args, "--store", path],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "hl7referral.store.loop" in imported   # the log is the command's
+    assert sorted(m for m in imported if any(m == h or m.startswith(h + ".") for h in HEAVY)) == []
+
+
+def test_store_only_commands_read_only_the_store_settings(path, tmp_path):
+    """``report`` needs the store: a channel ``check`` rejects does not stop it (check still says so)."""
+    (tmp_path / "channels").mkdir()
+    (tmp_path / "channels" / "a.toml").write_text('name = "a"\n[source]\nlistener = "main"\naccept = ["REFI12"]\n')
+    config = tmp_path / "engine.toml"
+    config.write_text(f'[store]\npath = "{path}"\n[channels]\ndir = "channels"\n')
+    done = CliRunner().invoke(main, ["report", "--config", str(config)])
+    assert done.exit_code == 0 and "total: 4 referrals" in done.stdout
+    checked = CliRunner().invoke(main, ["check", "--config", str(config)])
+    assert checked.exit_code == 2 and "source.accept: 'REFI12' is not TYPE^EVENT" in checked.output
+    config.write_text(f'[store]\npath = "{path}"\nbusy = 1\n')
+    bad = CliRunner().invoke(main, ["report", "--config", str(config)])
+    assert bad.exit_code == 2 and f"{config}:3: store.busy: unknown key" in bad.output
 
 
 def test_human_durations_and_since_parsing():

@@ -1,6 +1,6 @@
 import pytest
 
-from hl7referral.config import ConfigError, load_engine
+from hl7referral.config import ConfigError, load_engine, load_store
 from hl7referral.config.schema import locate
 
 
@@ -109,3 +109,52 @@ def test_locate_finds_keys_in_array_tables():
     assert locate(text, "listeners.1.endpoint") == 5
     assert locate(text, "listeners.0.name") == 2
     assert locate(text, "listeners.1.tls.x") == 7
+
+
+# -- load_store: the store-only commands' loader -------------------------------------------------
+
+
+@pytest.mark.parametrize("body, overrides, store", [
+    ("", (), None),
+    ('[store]\npath = "data/x.db"\nbusy_timeout_ms = 250\n', (), None),
+    ('[store]\npath = "~/x.db"\n', (), None),
+    ('[store]\npath = "data/x.db"\n', ('store.path="y.db"', "store.busy_timeout_ms=9"), None),
+    ('[store]\npath = "data/x.db"\n', (), "given.db"),
+])
+def test_load_store_opens_the_store_load_engine_opens(tmp_path, body, overrides, store):
+    p = engine_toml(tmp_path, body)
+    write(tmp_path / "channels", "a.toml", CHANNEL.format(name="a"))
+    full, light = (f(p, overrides=overrides, store=store) for f in (load_engine, load_store))
+    assert (light.path, light.busy_timeout_ms) == (full.store_path, full.busy_timeout_ms)
+
+
+def test_load_store_embedded_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    light, full = load_store(), load_engine()
+    assert light.path == full.store_path == tmp_path / "hl7referral.db" and light.busy_timeout_ms == 5000
+
+
+def test_load_store_reads_no_channels(tmp_path):
+    """A report needs the store, not the channels: a channel ``check`` rejects does not stop it."""
+    p = engine_toml(tmp_path, '[store]\npath = "x.db"\n')
+    write(tmp_path / "channels", "a.toml", 'name = "a"\n[source]\nlistener = "main"\naccept = ["REFI12"]\n')
+    assert load_store(p).path == tmp_path / "x.db"
+    with pytest.raises(ConfigError, match="is not TYPE"):
+        load_engine(p)
+
+
+@pytest.mark.parametrize("body, overrides", [
+    ("[store]\npath = 3\n", ()),
+    ("[store]\nbusy_timeout = 5\n", ()),
+    ("[store]\npath = \n", ()),
+    ("", ("store.busy_timeout_ms=soon",)),
+    ("", ("nonsense",)),
+])
+def test_load_store_fails_as_load_engine_does_on_what_it_reads(tmp_path, body, overrides):
+    p = engine_toml(tmp_path, body)
+    errors = []
+    for load in (load_engine, load_store):
+        with pytest.raises(ConfigError) as err:
+            load(p, overrides=overrides)
+        errors.append(str(err.value))
+    assert errors[0] == errors[1]

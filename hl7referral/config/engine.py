@@ -4,19 +4,16 @@ Precedence, lowest first: the file (or the embedded defaults), ``--set
 KEY=VALUE`` (dotted keys, list items by index: ``listeners.0.idle_timeout=60``),
 then ``--store`` and ``--listen``. Relative paths in a file are relative to the
 file; in the embedded defaults and on the command line, to the working
-directory.
+directory. Reading the file and the overrides is :mod:`.source`'s, shared with
+``load_store()``, the store-only loader of the commands that only read the store.
 """
 
 from __future__ import annotations
 
-import copy
 import re
 import sys
-import tomllib
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from .channels import ChannelConfig, check_routes, load_channels
 from .direct import DIRECT_SCHEMA, DirectConfig, load_direct
@@ -24,9 +21,9 @@ from .fax import FAX_SCHEMA, FaxConfig, gateway_table, load_fax
 from .loop import LOOP_SCHEMA, LoopConfig, load_loop
 from .notify import NOTIFY_SCHEMA, NotifyConfig, merge as merge_notify, parse_notify
 from .directory import Directory, load_directory
-from .schema import ConfigError, toml_error_line, validate
+from .schema import ConfigError, validate
+from .source import STORE_SCHEMA, read_source, store_settings
 
-DEFAULTS_NAME = "<embedded defaults>"
 STANDARDS_FILES = ("cda-schema/extensions/SDTC/infrastructure/cda/CDA_SDTC.xsd", "ccda-r2.1/ccda-r2.1.sch",
                    "ccda-r2.1/voc.xml")
 
@@ -47,7 +44,7 @@ LISTENER_SCHEMA = {
     "on_store_failure": ("nak", "silent"),
 }
 ENGINE_SCHEMA = {
-    "store": {"path": str, "busy_timeout_ms": int},
+    "store": STORE_SCHEMA,
     "log": {"level": ("debug", "info", "warn", "error")},
     "channels": {"dir": str},
     "mappings": {"dir": str},
@@ -104,11 +101,6 @@ class EngineConfig:
         return [c for c in self.channels if c.listener == listener]
 
 
-def _defaults() -> tuple[dict[str, Any], str]:
-    text = resources.files("hl7referral.config").joinpath("default_engine.toml").read_text("utf-8")
-    return tomllib.loads(text), text
-
-
 def bundled_dir(name: str) -> Path:
     """Sample channels or mappings: in the checkout (editable install), else installed data."""
     checkout = Path(__file__).resolve().parents[2] / name
@@ -123,33 +115,6 @@ def default_standards_dir() -> Path | None:
     return candidate if candidate.is_dir() else None
 
 
-def _parse_value(raw: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    key, sep, raw = assignment.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError("--set", 0, assignment, "expected KEY=VALUE")
-    node: Any = data
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError("--set", 0, key, f"no list item {part!r} at {'.'.join(parts[:i])}")
-            node = node[int(part)]
-        else:
-            node = node.setdefault(part, {})
-    leaf = parts[-1]
-    if isinstance(node, list):
-        raise ConfigError("--set", 0, key, "name a field of a list item, e.g. listeners.0.endpoint")
-    node[leaf] = _parse_value(raw.strip())
-
-
 def load_engine(
     config_file: str | Path | None = None,
     *,
@@ -157,24 +122,8 @@ def load_engine(
     store: str | None = None,
     listen: tuple[str, ...] | list[str] = (),
 ) -> EngineConfig:
-    defaults, default_text = _defaults()
-    if config_file is None:
-        data, text, source, base = copy.deepcopy(defaults), default_text, DEFAULTS_NAME, Path.cwd()
-    else:
-        path = Path(config_file)
-        try:
-            text = path.read_text("utf-8")
-        except OSError as exc:
-            raise ConfigError(str(path), 0, "", f"cannot read: {exc.strerror}") from None
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(str(path), toml_error_line(exc), "", f"not valid TOML: {exc}") from None
-        source, base = str(path), path.resolve().parent
-    validate(data, ENGINE_SCHEMA, file=source, text=text)
-    for assignment in overrides:
-        apply_override(data, assignment)
-    validate(data, ENGINE_SCHEMA, file="--set" if overrides else source, text="" if overrides else text)
+    src = read_source(config_file, overrides, lambda d, file, text: validate(d, ENGINE_SCHEMA, file=file, text=text))
+    data, defaults, text, source, base = src.data, src.defaults, src.text, src.source, src.base
 
     listener_defaults = defaults["listeners"][0]
     listeners_data = data.get("listeners") or [dict(listener_defaults)]
@@ -196,8 +145,8 @@ def load_engine(
         merged["versions"] = tuple(merged["versions"])
         listeners.append(ListenerConfig(**merged, base_dir=base))
 
-    store_cfg = {**defaults["store"], **data.get("store", {})}
-    store_path = Path(store) if store else _resolve(base, store_cfg["path"])
+    store_cfg = store_settings(src, store)   # the same reading as load_store(), for store-only commands
+    store_path = store_cfg.path
     channels_dir_value = {**defaults["channels"], **data.get("channels", {})}["dir"]
     channels_dir = _resolve(base, channels_dir_value) if channels_dir_value else bundled_dir("channels")
     channels = load_channels(channels_dir)
@@ -236,7 +185,7 @@ def load_engine(
     return EngineConfig(
         source=source,
         store_path=store_path,
-        busy_timeout_ms=store_cfg["busy_timeout_ms"],
+        busy_timeout_ms=store_cfg.busy_timeout_ms,
         log_level={**defaults["log"], **data.get("log", {})}["level"],
         channels_dir=channels_dir,
         listeners=tuple(listeners),

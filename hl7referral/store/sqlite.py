@@ -32,6 +32,7 @@ Invariants
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sqlite3
 import threading
@@ -39,8 +40,10 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import sqlite_utils
+if TYPE_CHECKING:
+    import sqlite_utils
 
 ACCEPTED, REJECTED, NOT_HL7 = "accepted", "rejected", "not_hl7"
 
@@ -321,12 +324,18 @@ class Store:
 
     def __init__(self, conn: sqlite3.Connection, path: str) -> None:
         self.conn = conn
-        self.db = sqlite_utils.Database(conn)
         self.path = path
         # Re-entrant, like the transaction: a helper's write inside another's (a loop event
         # inside an outbox state change) joins the outer transaction instead of deadlocking.
         self._lock = threading.RLock()
         self._depth = 0
+
+    @functools.cached_property
+    def db(self) -> sqlite_utils.Database:
+        """sqlite-utils over the connection, made at first use: importing it takes longer than a
+        store-only command's query (``report``, ``referrals list``), which read through ``conn``."""
+        import sqlite_utils
+        return sqlite_utils.Database(self.conn)
 
     @classmethod
     def open(cls, path: str | Path, *, busy_timeout_ms: int = 5000, readonly: bool = False,
