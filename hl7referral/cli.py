@@ -30,6 +30,8 @@ from .cli_direct import pick_channel, register as register_direct
 from .cli_audit import register as register_audit
 from .cli_loop import register as register_loop, register_actions as register_loop_actions
 from .cli_fax import register as register_fax
+from .cli_answer import register as register_answer
+from .cli_demo import register as register_demo
 from .store import Store, StoreError
 
 # EndpointError, BrokenHeader and NotHL7 are ValueErrors: engine.endpoints (Twisted's endpoints,
@@ -416,3 +418,5 @@ register_fax(main, config_options, readable_errors, _load, _open_store, emit, fa
 register_audit(main, config_options, readable_errors, _load, _open_store, emit, fail)
 register_loop(main, config_options, readable_errors, _load, _open_store, emit, fail)
 register_loop_actions(main, config_options, readable_errors, _load, _open_store, emit, fail)
+register_answer(main, config_options, readable_errors, _load, _open_store, emit, fail)
+register_demo(main, fail)

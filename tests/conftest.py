@@ -24,6 +24,15 @@ def standards():
     return SHARED / "standards"
 
 
+@pytest.fixture(scope="session")
+def ccda_validator(standards, tmp_path_factory):
+    """One CDA schema + C-CDA R2.1 Schematron validator for the session (the XSLT cache in its tmp dir)."""
+    from hl7referral.cda.validate import Validator
+    if not (standards / "ccda-r2.1" / "ccda-r2.1.sch").is_file():
+        pytest.skip(f"C-CDA standards not found under {standards}")
+    return Validator(standards, cache_dir=tmp_path_factory.getbasetemp() / "xslt-cache")
+
+
 @pytest.fixture
 def store(tmp_path):
     """A fresh store (the real SQLite file) for unit tests."""

@@ -24,13 +24,40 @@ CHANNEL_SCHEMA = {
     "description": str,
     "mapping": str,
     "transports": [TRANSPORTS],
-    "source": {"listener": str, "accept": [str], "sending_facilities": [str]},
+    "source": {"listener": str, "accept": [str], "sending_facilities": [str], "direct": [str]},
     "ack": {"mode": ("after-store", "after-mapping")},
     "destination": {"by": ("named", "specialty", "npi"), "name": str, "specialty": str},
     "tracker": bool,   # loop messages (SIU, OSU, RRI, MDM): applied to referrals, no document built
     "notify": NOTIFY_SCHEMA,   # the channel's own notifiers, owners and templates (over the engine's)
     "fax": dict,   # the channel's own fax gateway table (gateway = "http-fax", ...); its plugin checks the keys
+    # Referrals that arrive over Direct (source.direct): how they are handed to our own EHR.
+    "forward": {"endpoint": str, "message": ("REF^I12", "OMG^O19"), "cda": ("embed", "reference"),
+                "documents_dir": str, "reference_url": str, "sending_application": str, "sending_facility": str,
+                "receiving_application": str, "receiving_facility": str, "ack_timeout": float,
+                "max_attempts": int},
 }
+FORWARD_DEFAULTS = {"message": "REF^I12", "cda": "embed", "documents_dir": "inbound-documents",
+                    "reference_url": "file://{path}", "sending_application": "HL7REFERRAL", "sending_facility": "",
+                    "receiving_application": "", "receiving_facility": "", "ack_timeout": 30.0, "max_attempts": 10}
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """How an inbound referral reaches our EHR: MLLP endpoint, message type, the C-CDA embedded or referenced."""
+
+    endpoint: str
+    message: str = "REF^I12"
+    cda: str = "embed"
+    documents_dir: str = "inbound-documents"   # resolved against the engine's base directory by the engine
+    reference_url: str = "file://{path}"       # {path}: the document's absolute path; {referral}, {file}
+    sending_application: str = "HL7REFERRAL"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+    ack_timeout: float = 30.0
+    max_attempts: int = 10
+
+
 _KIND = re.compile(r"^[A-Z][A-Z0-9]{2}\^[A-Z0-9]{3}$")
 
 
@@ -50,11 +77,23 @@ class ChannelConfig:
     destination_specialty: str = ""
     fax: dict = dataclasses.field(default_factory=dict, compare=False)
     tracker: bool = False
+    direct_from: tuple[str, ...] = ()          # inbound Direct referrals: senders taken ("*", "@domain", address)
+    forward: ForwardConfig | None = None
     notify: NotifyConfig = dataclasses.field(default_factory=NotifyConfig, compare=False)
     text: str = dataclasses.field(default="", repr=False, compare=False)
 
     def line_of(self, key: str) -> int:
         return locate(self.text, key)
+
+    @property
+    def inbound(self) -> bool:
+        """Referrals that arrive over Direct (we are the recipient), not messages on an MLLP listener."""
+        return self.forward is not None
+
+    def takes_from(self, address: str) -> bool:
+        address = address.lower()
+        return any(p == "*" or p.lower() == address or (p.startswith("@") and address.endswith(p.lower()))
+                   for p in self.direct_from)
 
     @property
     def sends_order(self) -> bool:
@@ -79,6 +118,11 @@ def load_channel(path: Path) -> ChannelConfig:
         if key not in data:
             raise ConfigError(file, 0, key, "required")
     source = data["source"]
+    if "direct" in source:
+        return _inbound_channel(data, file, text)
+    if "forward" in data:
+        raise ConfigError(file, locate(text, "forward"), "forward",
+                          "only a channel taking referrals over Direct (source.direct) forwards them")
     for key in ("listener", "accept"):
         if key not in source:
             raise ConfigError(file, locate(text, "source") or 0, f"source.{key}", "required")
@@ -113,6 +157,33 @@ def load_channel(path: Path) -> ChannelConfig:
         tracker=bool(data.get("tracker", False)),
         notify=parse_notify(data.get("notify", {}), file, text, partial=True),
     )
+
+
+def _inbound_channel(data: dict, file: str, text: str) -> ChannelConfig:
+    source = data["source"]
+    for key in ("listener", "accept", "sending_facilities"):
+        if key in source:
+            raise ConfigError(file, locate(text, f"source.{key}"), f"source.{key}",
+                              "a channel taking referrals over Direct has no MLLP source: remove it")
+    for key in ("mapping", "transports", "destination", "tracker"):
+        if key in data:
+            raise ConfigError(file, locate(text, key), key,
+                              "a channel taking referrals over Direct builds and sends nothing: remove it")
+    if not source["direct"]:
+        raise ConfigError(file, locate(text, "source.direct"), "source.direct",
+                          'lists no sender: "*" takes every trusted sender')
+    forward = data.get("forward")
+    if not forward or not forward.get("endpoint"):
+        raise ConfigError(file, locate(text, "forward") or locate(text, "source"), "forward.endpoint",
+                          "required: our EHR's MLLP endpoint, e.g. \"tcp:127.0.0.1:6661\"")
+    values = {**FORWARD_DEFAULTS, **forward}
+    values["ack_timeout"] = float(values["ack_timeout"])
+    if values["ack_timeout"] <= 0 or values["max_attempts"] < 1:
+        raise ConfigError(file, locate(text, "forward"), "forward", "ack_timeout and max_attempts must be positive")
+    return ChannelConfig(
+        name=data["name"], file=file, listener="", accept=(), description=data.get("description", ""), text=text,
+        direct_from=tuple(source["direct"]), forward=ForwardConfig(**values),
+        notify=parse_notify(data.get("notify", {}), file, text, partial=True))
 
 
 def load_channels(directory: Path) -> list[ChannelConfig]:

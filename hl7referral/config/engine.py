@@ -175,12 +175,14 @@ def load_engine(
     known = {lc.name for lc in listeners}
     # With --listen, every channel goes to the (renamed) first listener.
     for ch in channels:
+        if ch.inbound:
+            continue   # referrals over Direct: no MLLP listener
         if ch.listener not in known and not listen:
             raise ConfigError(ch.file, ch.line_of("source.listener"), "source.listener",
                               f"no listener named {ch.listener!r} (have: {', '.join(sorted(known))})")
     if listen:
         # --listen puts every channel on the new listeners: their routes must still be distinct.
-        channels = [ch.with_listener(listeners[0].name) for ch in channels]
+        channels = [ch if ch.inbound else ch.with_listener(listeners[0].name) for ch in channels]
         check_routes(channels)
     return EngineConfig(
         source=source,

@@ -33,6 +33,7 @@ from .xdm import CCDA_R21_FORMAT, V2_MIME_TYPE, Code, SubmissionSet, XdmDocument
 CRLF = b"\r\n"
 CCDA_FORMAT = Code(CCDA_R21_FORMAT, "1.3.6.1.4.1.19376.1.2.3", "C-CDA R2.1 Structured Body")
 REFERRAL_NOTE_TYPE = Code("57133-1", "2.16.840.1.113883.6.1", "Referral note")
+CONSULT_NOTE_TYPE = Code("11488-4", "2.16.840.1.113883.6.1", "Consult note")
 
 
 @dataclass(frozen=True)
@@ -91,26 +92,73 @@ def build_xdm_for(content: PacketContent, sender: str, recipient: str) -> bytes:
     return build_xdm(submission, docs)
 
 
-def health_content(content: PacketContent, sender: str, recipient: str, seed: str) -> bytes:
-    """The ``multipart/mixed`` entity that gets signed."""
+@dataclass(frozen=True)
+class AnswerContent:
+    """A 360X answer from the referral's recipient: a v2 message (OSU^O51, SIU^S12/S15/S26), a C-CDA
+    (a Consultation Note) beside it, or both, about one referral."""
+
+    referral_id: str
+    created: str                 # HL7 DTM
+    patient_id: str              # CX of the patient, as the initiator sent it
+    message: bytes | None = None
+    cda: bytes | None = None
+    title: str = "Referral status"
+    source_oid: str = "2.16.840.1.113883.19"
+    key: str = ""                # what makes the XDS unique ids unique (the relay key)
+
+
+def build_xdm_answer(content: AnswerContent, sender: str, recipient: str) -> bytes:
+    seed = f"{content.referral_id}/{content.key}"
+    docs = []
+    if content.message is not None:
+        docs.append(XdmDocument(filename=f"DOC{len(docs) + 1:04d}.HL7", content=content.message,
+                                mime_type=V2_MIME_TYPE, title=content.title,
+                                unique_id=_uid(content.source_oid, seed + "/message"), creation_time=content.created))
+    if content.cda is not None:
+        docs.append(XdmDocument(filename=f"DOC{len(docs) + 1:04d}.XML", content=content.cda, mime_type="text/xml",
+                                title="Consultation Note", unique_id=_uid(content.source_oid, seed + "/cda"),
+                                creation_time=content.created, class_code=CONSULT_NOTE_TYPE,
+                                type_code=CONSULT_NOTE_TYPE, format_code=CCDA_FORMAT))
+    submission = SubmissionSet(unique_id=_uid(content.source_oid, seed + "/submission"),
+                               source_id=content.source_oid, submission_time=content.created,
+                               patient_id=content.patient_id, intended_recipients=[recipient],
+                               author_institution="", author_person=sender, title=content.title)
+    return build_xdm(submission, docs)
+
+
+def _mixed(seed: str, note: str, attachments: Sequence[tuple[str, str, bytes]]) -> bytes:
+    """``multipart/mixed``: a short text part (ids only, never patient data), then the attachments
+    (content type, file name, bytes), base64."""
     boundary = _boundary(seed, "mixed")
-    note = (f"Referral {content.referral_id}: the referral packet is attached as an IHE XDM zip"
-            + (" and as a C-CDA document." if content.include_bare_cda else ".")).encode("ascii", "replace")
-    parts = [
-        b"Content-Type: text/plain; charset=us-ascii\r\nContent-Transfer-Encoding: 7bit\r\n\r\n" + note + CRLF,
-        (b'Content-Type: application/zip; name="referral.zip"\r\nContent-Transfer-Encoding: base64\r\n'
-         b'Content-Disposition: attachment; filename="referral.zip"\r\n\r\n'
-         + _b64(build_xdm_for(content, sender, recipient)) + CRLF),
-    ]
-    if content.include_bare_cda:
-        parts.append(b'Content-Type: application/xml; name="referral-note.xml"\r\nContent-Transfer-Encoding: base64'
-                     b'\r\nContent-Disposition: attachment; filename="referral-note.xml"\r\n\r\n'
-                     + _b64(content.cda) + CRLF)
+    parts = [b"Content-Type: text/plain; charset=us-ascii\r\nContent-Transfer-Encoding: 7bit\r\n\r\n"
+             + note.encode("ascii", "replace") + CRLF]
+    for content_type, filename, data in attachments:
+        parts.append(f'Content-Type: {content_type}; name="{filename}"\r\nContent-Transfer-Encoding: base64\r\n'
+                     f'Content-Disposition: attachment; filename="{filename}"\r\n\r\n'.encode() + _b64(data) + CRLF)
     out = [f'Content-Type: multipart/mixed; boundary="{boundary}"\r\n\r\n'.encode()]
     for part in parts:
         out.append(f"--{boundary}\r\n".encode() + part)
     out.append(f"--{boundary}--\r\n".encode())
     return b"".join(out)
+
+
+def health_content(content: PacketContent, sender: str, recipient: str, seed: str) -> bytes:
+    """The ``multipart/mixed`` entity that gets signed."""
+    note = (f"Referral {content.referral_id}: the referral packet is attached as an IHE XDM zip"
+            + (" and as a C-CDA document." if content.include_bare_cda else "."))
+    attachments = [("application/zip", "referral.zip", build_xdm_for(content, sender, recipient))]
+    if content.include_bare_cda:
+        attachments.append(("application/xml", "referral-note.xml", content.cda))
+    return _mixed(seed, note, attachments)
+
+
+def answer_content(content: AnswerContent, sender: str, recipient: str, seed: str) -> bytes:
+    """An answer's entity: the XDM (360X), and the Consultation Note bare for recipients without XDM."""
+    note = f"Referral {content.referral_id}: {content.title}, attached as an IHE XDM zip."
+    attachments = [("application/zip", "answer.zip", build_xdm_answer(content, sender, recipient))]
+    if content.cda is not None:
+        attachments.append(("application/xml", "consultation-note.xml", content.cda))
+    return _mixed(seed, note, attachments)
 
 
 def headers(*, sender: str, recipient: str, message_id: str, date: float, subject: str,
@@ -131,6 +179,18 @@ def seal(entity: bytes, *, outer_headers: bytes, signer: x509.Certificate, key, 
         entity = b"Content-Type: message/rfc822\r\n\r\n" + outer_headers + entity
     signed = smime.sign(entity, signer, key, chain)
     return outer_headers + smime.encrypt(signed, recipient_certs, cipher=cipher, key_transport=key_transport)
+
+
+def answer_message(content: AnswerContent, *, sender: str, recipient: str, message_id: str, date: float,
+                   signer: x509.Certificate, key, chain: Sequence[x509.Certificate],
+                   recipient_certs: Sequence[x509.Certificate], cipher: str = "aes256",
+                   key_transport: str = "rsa-pkcs1v15", final_delivery: bool = False) -> bytes:
+    """The whole Direct message carrying one 360X answer."""
+    outer = headers(sender=sender, recipient=recipient, message_id=message_id, date=date,
+                    subject=f"Referral {content.referral_id}: {content.title}", final_delivery=final_delivery)
+    entity = answer_content(content, sender, recipient, message_id)
+    return seal(entity, outer_headers=outer, signer=signer, key=key, chain=chain, recipient_certs=recipient_certs,
+                cipher=cipher, key_transport=key_transport)
 
 
 def referral_message(content: PacketContent, *, sender: str, recipient: str, message_id: str, date: float,

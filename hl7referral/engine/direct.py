@@ -46,6 +46,12 @@ from .ingest import hl7_timestamp, iso_timestamp
 
 State, Event = tracking.State, tracking.Event
 REPORTING_UA = "hl7referral"
+# The Subject of an answer's packet (no patient data), by the loop event it reports.
+ANSWER_TITLES = {"ACCEPTED": "Referral accepted", "DECLINED": "Referral declined", "BOOKED": "Appointment booked",
+                 "NO_SHOW": "Patient did not attend", "APPOINTMENT_CANCELLED": "Appointment cancelled",
+                 "CANCEL_CONFIRMED": "Cancellation confirmed", "CANCEL_REFUSED": "Cancellation refused",
+                 "CANCEL_REQUESTED": "Cancellation requested", "CONSULT_NOTE": "Consultation note",
+                 "INTERIM_NOTE": "Interim consultation note"}
 
 
 class DirectUnavailable(Exception):
@@ -88,7 +94,9 @@ class DirectAgent:
         self.policy: TrustPolicy | None = None
         # Channels whose transports list fax after direct (None: every channel, as in unit tests).
         self.fax_after_direct: set[str] | None = None
-        # (documents, content, mail id, now) -> None: the loop tracker reads what came (DirectService sets it).
+        # (documents, content, mail id, now, sender=) -> None: a referral for us, or an answer for the loop
+        # tracker (DirectService sets it); called inside the transaction that marks the mail processed, it
+        # may return a callable to run once that transaction is committed.
         self.on_documents = None
 
     # -- set-up -------------------------------------------------------------------------
@@ -149,6 +157,38 @@ class DirectAgent:
                                    recipient=recipient, message_id=message_id, payload=eml, at=iso_timestamp(now),
                                    now=now, final_delivery=self.config.request_final_delivery)
 
+    def enqueue_answer(self, row: dict, *, patient_id: str, now: float) -> Enqueued | Skipped:
+        """A relay row (store/relay.py: a 360X answer owed to the initiator) as a Direct packet in the outbox.
+
+        The packet's key is the relay key, so packing the same row again finds the packet already
+        there; a consult note is kind ``consult-note`` (its processed MDN files the note: NOTE_FILED)."""
+        recipient = row["recipient"]
+        found = self.finder.find(recipient, utc(now))
+        if not found.usable:
+            why = "; ".join(f"{subject}: {d.code}" for subject, d in found.rejected) or "none found"
+            return Skipped(f"no usable certificate for {recipient} ({why})")
+        key = f"relay/{row['key']}"
+        message_id = packet.message_id_for(key, self.config.domain)
+        content = packet.AnswerContent(referral_id=row["referral_id"], created=hl7_timestamp(now),
+                                       patient_id=patient_id, message=row["message"], cda=row["document"],
+                                       title=ANSWER_TITLES.get(row["kind"], row["kind"]), source_oid=self.local_root,
+                                       key=row["key"])
+        try:
+            eml = packet.answer_message(content, sender=self.config.address, recipient=recipient,
+                                        message_id=message_id, date=now, signer=self.certificate, key=self.key,
+                                        chain=self.chain, recipient_certs=found.usable[:1], cipher=self.config.cipher,
+                                        key_transport=self.config.key_transport, final_delivery=False)
+        except (XdmError, smime.SmimeError, ValueError) as exc:
+            return Skipped(f"the Direct packet cannot be built: {exc}")
+        # Only the consult note (the outcome) files anything at the initiator: its processed MDN is
+        # NOTE_FILED here. Answers ask for no dispatched MDN (the initiator's engine is their final
+        # destination: it sends processed only).
+        return self.outbox.enqueue(key=key, referral_id=row["referral_id"], document_id=None, channel="",
+                                   transport="direct", kind="consult-note" if row["kind"] == "CONSULT_NOTE"
+                                   else "answer", sender=self.config.address, recipient=recipient,
+                                   message_id=message_id, payload=eml, at=iso_timestamp(now), now=now,
+                                   final_delivery=False, detail=f"{row['kind']} for {recipient}")
+
     def _move(self, row: dict, event: tracking.Event, now: float, detail: str, mail_id: int | None = None,
               **fields) -> tracking.Transition:
         t = tracking.step(State(row["state"]), event, final_delivery_requested=bool(row["final_delivery"]))
@@ -161,7 +201,8 @@ class DirectAgent:
             fields.setdefault("dispatched_at", now)
         sent_at = fields.get("sent_at", row.get("sent_at"))
         processed_at = fields.get("processed_at", row.get("processed_at"))
-        if sent_at is not None:
+        # An MDN we send is never itself acknowledged: only packets wait for one (no false TIMED_OUT).
+        if sent_at is not None and not row["kind"].startswith("mdn"):
             fields["deadline"] = tracking.deadline(
                 t.state, sent_at, processed_at, processed_timeout=self.config.processed_timeout,
                 dispatched_timeout=self.config.dispatched_timeout,
@@ -309,11 +350,18 @@ class DirectAgent:
             delivered = True
         status = "delivered" if delivered else "stored"
         names = ", ".join(n for n, _ in documents) or "no documents"
-        self.outbox.update_mail(mail_id, event=f"direct-{status}", at=at, status=status, kind="direct",
-                                from_address=from_address, trust=trust, processed_at=at, detail=names)
-        if documents and self.on_documents is not None:
-            # 360X answers (OSU, MDM, a Consultation Note) move their referral; unknown ones are parked.
-            self.on_documents(documents, content, mail_id, now)
+        # The mail is processed in the transaction that records what it carries (a referral sent
+        # to us, an answer applied, a parked item): a crash leaves it "received", opened again.
+        after = None
+        with self.outbox.store.atomic():
+            self.outbox.update_mail(mail_id, event=f"direct-{status}", at=at, status=status, kind="direct",
+                                    from_address=from_address, trust=trust, processed_at=at, detail=names)
+            if documents and self.on_documents is not None:
+                # A referral for us is recorded; 360X answers (OSU, MDM, a Consultation Note) move
+                # their referral; unknown ones are parked.
+                after = self.on_documents(documents, content, mail_id, now, sender=from_address)
+        if after is not None:
+            after()   # what must wait for the commit (another thread reads what was written)
         if message_id and from_address:
             self.queue_mdn(outer, "processed", now, mail_id)
             if delivered and mdnlib.wants_final_delivery(outer):

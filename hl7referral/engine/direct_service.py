@@ -19,7 +19,10 @@ Invariants
 
 from __future__ import annotations
 
+import json
 import os
+from email.parser import BytesHeaderParser
+from email.policy import compat32
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
@@ -29,15 +32,20 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from ..config import EngineConfig
+from ..loop import inbound as inbound_reader
 from ..loop.reread import read_documents
 from ..loop.states import Kind
 from ..loop.tracker import Tracker
 from ..direct import packet
+from ..direct.mdn import wants_final_delivery
 from ..store import Store
 from ..store.outbox import Outbox
+from ..store.relay import INITIATOR, Relay
 from . import smtp_client
-from .direct import DirectAgent, DirectUnavailable, Enqueued, utc
-from .ingest import iso_timestamp
+from .direct import DirectAgent, DirectUnavailable, Enqueued, Skipped, utc
+from . import answering
+from .inbound import InboundReferrals
+from .ingest import hl7_timestamp, iso_timestamp
 
 TICK = 1.0  # seconds between outbox and timer checks
 
@@ -57,6 +65,9 @@ class DirectService(Service):
         self.channels = {c.name: c for c in config.channels}
         self.tracker = Tracker(store, config.loop)   # on the Direct thread, with its connection
         self.agent.on_documents = self._loop_documents
+        self.inbound = InboundReferrals(config, store)   # referrals sent to us (we are the specialist)
+        self.relay = Relay(store)
+        self._validator = None   # built on the Direct thread when the first document must leave
         self.on_note = None   # (referral id, note id), called on the reactor: the note's way back
         self.send = send or smtp_client.send
         self.enabled = False
@@ -68,6 +79,7 @@ class DirectService(Service):
         self.ready: Deferred = Deferred()
         self._ticking = False
         self._sending: set[int] = set()
+        self.on_forward = None   # called (reactor thread) after a referral for our EHR was queued
         self.on_fax = None  # called (reactor thread) after a referral was queued for fax: the fax worker's tick
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -129,8 +141,13 @@ class DirectService(Service):
 
     # -- the loop ----------------------------------------------------------------------
 
-    def _loop_documents(self, documents, content: bytes, mail_id: int, now: float) -> None:
-        """Direct thread: read a 360X answer (v2 messages, C-CDA documents) and apply it to its referral."""
+    def _loop_documents(self, documents, content: bytes, mail_id: int, now: float, sender: str = ""):
+        """Direct thread: a referral sent to us, or a 360X answer (v2 messages, C-CDA documents) applied
+        to its referral. Runs inside the transaction that marks the mail processed."""
+        if inbound_reader.is_referral(documents):
+            ref = inbound_reader.read_inbound(documents, local_root=self.config.local_root)
+            self.inbound.receive(ref, sender=sender, mail_id=mail_id, raw=content, now=now)
+            return (lambda: self.reactor.callFromThread(self.on_forward)) if self.on_forward else None
         obs = read_documents(documents, osu_tables=self.config.loop.osu, zone=self.config.loop.calendar.zone,
                              local_root=self.config.local_root)
         if obs is None:
@@ -142,9 +159,15 @@ class DirectService(Service):
             return
         self.log.info("referral {ref}: {type} by Direct (mail #{mid}) {before} -> {after}", ref=out.referral_id,
                       type=obs.message_type, mid=mail_id, before=out.before.value, after=out.after.value)
+        # A referral sent to us: what the initiator says that our EHR must hear (a cancel request).
+        message = next((d for _, d in documents if d.lstrip()[:4] == b"MSH|"), None)
+        if answering.forward_from_partner(self.tracker.loop.store, self.config, referral_id=out.referral_id,
+                                          obs=obs, now_hl7=hl7_timestamp(now), at=iso_timestamp(now), now=now,
+                                          raw=message):
+            return (lambda: self.reactor.callFromThread(self.on_forward)) if self.on_forward else None
         if out.note_id is not None and self.on_note is not None and \
                 any(e.kind == Kind.CONSULT_NOTE for e in obs.events):
-            self.reactor.callFromThread(self.on_note, out.referral_id, out.note_id)
+            return lambda: self.reactor.callFromThread(self.on_note, out.referral_id, out.note_id)
 
     # -- outbound --------------------------------------------------------------------
 
@@ -177,6 +200,8 @@ class DirectService(Service):
                     referral_id=referral_id, document_id=document_id, channel=channel_name, cda=cda, order=order,
                     patient_id=packet.patient_cx(referral), recipient=getattr(destination, "direct", ""), now=now)
                 if isinstance(result, Enqueued):
+                    # Where a cancel from our EHR goes (the partner of a referral we initiated).
+                    self.relay.set_side(referral_id, INITIATOR, getattr(destination, "direct", ""), at=at)
                     return "direct"
                 reasons.append(result.reason)
                 self.outbox.audit(event="direct-skipped", at=at, detail=result.reason, referral_id=referral_id)
@@ -215,9 +240,65 @@ class DirectService(Service):
         for mail in self.outbox.unprocessed_mail():
             self._receive(mail, now)
         self.agent.check_timeouts(now)
+        self._pack_answers(now)
         if not self.config.direct.relay.host:
             return []
         return [r for r in self.outbox.due(now) if r["id"] not in self._sending]
+
+    def _check_document(self, document: bytes) -> str:
+        """A Consultation Note is checked like the Referral Note (CDA schema, R2.1 Schematron) before it
+        leaves; '' when it passes, else why not. Another C-CDA (the EHR's own) gets the schema."""
+        if self._validator is None:
+            if self.config.standards_dir is None:
+                return "no standards directory configured: the Consultation Note cannot be validated"
+            from ..cda.validate import Validator
+            self._validator = Validator(self.config.standards_dir, cache_dir=self.config.schematron_cache)
+        from ..cda.consult_note import CONSULTATION_NOTE
+        consult = CONSULTATION_NOTE[0].encode() in document[:20000]
+        report = self._validator.validate(document, expect=CONSULTATION_NOTE if consult else None,
+                                          schematron=consult, source="consultation note")
+        return "" if report.ok else "; ".join(report.lines()[:5])
+
+    def _dispatched(self, row: dict, contact: dict, now: float) -> None:
+        """The referral is in our EHR: the dispatched MDN its sender asked for (final delivery)."""
+        at = iso_timestamp(now)
+        mail = self.outbox.get_mail(contact["mail_id"]) if contact.get("mail_id") else None
+        with self.outbox.store.atomic():
+            outbox_id = 0
+            if mail is not None:
+                outer = BytesHeaderParser(policy=compat32).parsebytes(mail["raw"])
+                if wants_final_delivery(outer):
+                    result = self.agent.queue_mdn(outer, "dispatched", now, mail["id"])
+                    outbox_id = result.id if isinstance(result, Enqueued) else 0
+            self.relay.packed(row["id"], outbox_id=outbox_id, at=at)
+
+    def _pack_answers(self, now: float) -> None:
+        """360X answers owed to initiators (store/relay.py) into signed, encrypted packets."""
+        for row in self.relay.pending():
+            referral = self.tracker.loop.get(row["referral_id"]) or {}
+            contact = json.loads(referral.get("contact") or "{}")
+            at = iso_timestamp(now)
+            if row["kind"] == "DISPATCHED":
+                self._dispatched(row, contact, now)
+                continue
+            invalid = self._check_document(row["document"]) if row["document"] else ""
+            if invalid:
+                self.relay.failed(row["id"], error=f"not valid: {invalid}", at=at,
+                                  owner=self.config.loop.owner_of(referral))
+                self.log.warn("ALERT referral {ref}: {kind} answer not sent: its document is not valid",
+                              ref=row["referral_id"], kind=row["kind"])
+                continue
+            with self.outbox.store.atomic():
+                result = self.agent.enqueue_answer(row, patient_id=contact.get("patient_cx", ""), now=now)
+                if isinstance(result, Skipped):
+                    self.relay.failed(row["id"], error=result.reason, at=at,
+                                      owner=self.config.loop.owner_of(referral))
+                    self.log.warn("ALERT referral {ref}: {kind} answer not sent: {why}", ref=row["referral_id"],
+                                  kind=row["kind"], why=result.reason)
+                    continue
+                self.relay.packed(row["id"], outbox_id=result.id, at=at)
+            self.log.info("referral {ref}: {kind} answer packed for {to} (outbox #{oid})", ref=row["referral_id"],
+                          kind=row["kind"], to=row["recipient"], oid=result.id)
 
     def _send_due(self, rows: list[dict]) -> Deferred:
         relay_cfg = self.config.direct.relay

@@ -31,6 +31,7 @@ from ..loop import correlate
 from ..loop.reread import observation_of
 from ..loop.tracker import Tracker, iso, referral_facts
 from ..store import Store
+from . import answering
 
 RECOVERY_BATCH = 500
 BATCH = 256            # loop messages applied in one transaction at most
@@ -142,13 +143,21 @@ class LoopService(Service):
         d.callback(None)
 
     def _apply(self, message_id: int, raw: bytes, codec: str):
-        obs = observation_of(f"message #{message_id}", raw, codec=codec, osu_tables=self.config.loop.osu,
+        origin = f"message #{message_id}"
+        obs = observation_of(origin, raw, codec=codec, osu_tables=self.config.loop.osu,
                              zone=self.config.loop.calendar.zone, local_root=self.config.local_root)
         now = self.now()
+        at = iso(now)
         loop = self.tracker.loop
         with loop.store.atomic():
-            out = self.tracker.observe(obs, now=now, origin=f"message #{message_id}", raw=raw)
-            loop.mark_applied(message_id, iso(now))
+            out = self.tracker.observe(obs, now=now, origin=origin, raw=raw)
+            if out.referral_id is not None and out.added:
+                # A referral sent to us: our EHR's answer is owed to the initiator (or our cancel to the
+                # recipient), in this transaction (engine/answering.py).
+                answering.owe_from_ehr(loop.store, self.config, referral_id=out.referral_id, obs=obs, raw=raw,
+                                       codec=codec, now_hl7=now.strftime("%Y%m%d%H%M%S+0000"), at=at,
+                                       origin=origin)
+            loop.mark_applied(message_id, at)
         return obs, out
 
     def _applied(self, result, message_id: int) -> None:
@@ -180,6 +189,12 @@ class LoopService(Service):
         facts = referral_facts(referral, destination) if referral is not None else {}
         specialty = getattr(destination, "specialty", "") or facts.get("specialty", "")
         keys = [(k, i + 1) for i, k in enumerate(correlate.referral_keys(referral_id)) if k != referral_id]
+        if referral is not None and referral.referral_id and "@" not in referral_id:
+            # A namespace-only id travels in the Referral Note under our local root (an arc for the
+            # namespace): a recipient whose root differs answers with that root, so index it too.
+            from ..cda.referral_note import ii_attrs
+            ii = ii_attrs(referral.referral_id, self.config.local_root)
+            keys.append((f"{ii.get('extension', '')}@{ii['root']}", 1))
         state = self.tracker.open(referral_id, now=self.now(), channel=channel, facts=facts, message_id=message_id,
                                   specialty=specialty, destination=getattr(destination, "name", "") or "", keys=keys)
         return state.value == "AUTH_PENDING"

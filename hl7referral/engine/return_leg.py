@@ -1,4 +1,5 @@
-"""The note goes back to the referring chart: MDM^T02 over outbound MLLP, from a durable outbox.
+"""Our EHR over outbound MLLP, from a durable outbox: the note back to the referring chart, and
+(on the specialist's side) the referrals that arrived over Direct.
 
 A consult note that arrives for a known referral becomes one outbox row (transport ``mllp``,
 kind ``consult-note``, message id = the MDM's MSH-10). This service sends due rows through
@@ -18,6 +19,10 @@ Invariants
 * The MDM for a note is built once (idempotency key ``referral/mllp/note-N``): every
   retry sends the same bytes with the same MSH-10, so a receiver's dedup recognises it.
 * One send per row at a time; store writes go through the committer.
+* Every ``mllp`` row goes to its own ``recipient`` endpoint, with that endpoint's settings:
+  ``[loop.return]`` for consult notes, the inbound channel's ``[forward]`` for referrals that
+  arrived over Direct (kind ``referral-in``). A referral the EHR refuses (AE/AR) or never
+  ACKs is FAILED with a coordinator alert, like a note.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from twisted.logger import Logger
 from ..config import EngineConfig
 from ..store.loop import Loop
 from ..store.outbox import Outbox
+from ..store.relay import RECIPIENT, Relay
 from ..v2.ack_match import ACCEPT
 from ..v2.mdm import ConsultNote, build_mdm_t02
 from .ingest import hl7_timestamp, iso_timestamp
@@ -65,9 +71,19 @@ class ReturnService(MultiService):
         self.reactor = reactor
         self.clock = clock or reactor
         self.sender = None
+        self.senders: dict[str, MLLPSender] = {}
+        # endpoint -> (ack timeout, max attempts, first delay, max delay)
+        self.settings = {c.forward.endpoint: (c.forward.ack_timeout, c.forward.max_attempts, self.leg.first_delay,
+                                              self.leg.max_delay) for c in config.channels if c.inbound}
         if self.leg.endpoint:
-            self.sender = MLLPSender(self.leg.endpoint, reactor, ack_timeout=self.leg.ack_timeout, name="return")
-            self.sender.setServiceParent(self)
+            self.settings[self.leg.endpoint] = (self.leg.ack_timeout, self.leg.max_attempts, self.leg.first_delay,
+                                                self.leg.max_delay)
+        for endpoint, (ack_timeout, *_) in self.settings.items():
+            sender = MLLPSender(endpoint, reactor, ack_timeout=ack_timeout,
+                                name="return" if endpoint == self.leg.endpoint else "ehr")
+            sender.setServiceParent(self)
+            self.senders[endpoint] = sender
+        self.sender = self.senders.get(self.leg.endpoint) if self.leg.endpoint else None
         self.timer = LoopingCall(self.tick)
         self.timer.clock = self.clock
         self.interval = interval
@@ -76,7 +92,7 @@ class ReturnService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        if self.sender is not None:
+        if self.senders:
             self.timer.start(self.interval, now=True)
 
     def stopService(self):
@@ -97,10 +113,19 @@ class ReturnService(MultiService):
             d.addCallback(lambda _: self.tick())
         return d
 
+    def on_forward(self) -> None:
+        """A referral for our EHR was queued (Direct thread): send it now rather than at the next tick."""
+        if self.senders:
+            self.tick()
+
     def _enqueue(self, store, referral_id: str, note_id: int, now: float) -> str:
         loop = Loop(store)
         at = iso_timestamp(now)
         row = loop.get(referral_id) or {}
+        if row.get("side") == RECIPIENT:
+            # Our own specialist's note about a referral sent to us: it goes to the initiator over
+            # Direct (engine/answering.py), not into a referring chart here.
+            return "sent to the initiator by Direct"
         if self.sender is None:
             loop.add_task(key=f"{referral_id}/file-note/{note_id}", at=at, referral_id=referral_id, kind="file-note",
                           owner=self.config.loop.owner_of(row),
@@ -141,8 +166,11 @@ class ReturnService(MultiService):
         for row in rows:
             if row["id"] in self._sending:
                 continue
+            sender = self.senders.get(row["recipient"])
+            if sender is None:
+                continue   # an endpoint no longer configured: the row waits (listed by `direct outbox`)
             self._sending.add(row["id"])
-            d = self.sender.send(row["message_id"], row["payload"])
+            d = sender.send(row["message_id"], row["payload"])
             d.addCallbacks(self._answered, self._failed, callbackArgs=(row,), errbackArgs=(row,))
             d.addErrback(lambda f: self.log.failure("recording the answer to {cid}", f, cid=row["message_id"]))
             d.addBoth(lambda _, rid=row["id"]: self._sending.discard(rid))
@@ -151,6 +179,22 @@ class ReturnService(MultiService):
         now = self.clock.seconds()
         at = iso_timestamp(now)
         ref, cid = row["referral_id"], row["message_id"]
+        if ack.kind == ACCEPT and row["kind"] != "consult-note":
+            self.counts["delivered"] += 1
+            self.log.info("referral {ref}: {kind} {cid} taken by our EHR ({code})", ref=ref, kind=row["kind"],
+                          cid=cid, code=ack.code)
+
+            def taken(store):
+                with store.atomic():
+                    Outbox(store).update(row["id"], event="ack", at=at, detail=f"MSA-1 {ack.code}", state="DELIVERED",
+                                         attempts=row["attempts"] + 1, last_code=None, last_error="")
+                    side = Relay(store).side_of(ref) if row["kind"] == "referral-in" else None
+                    if side is not None and side.partner:
+                        # Our EHR has it: the initiator's dispatched MDN (final delivery) is owed now.
+                        Relay(store).add(key=f"{ref}/DISPATCHED", at=at, referral_id=ref, kind="DISPATCHED",
+                                         message_type="", message=None, document=None, recipient=side.partner,
+                                         actor="ehr")
+            return self.committer.run(taken)
         if ack.kind == ACCEPT:
             self.counts["delivered"] += 1
             self.log.info("referral {ref}: consult note {cid} filed in the referring chart ({code})", ref=ref,
@@ -164,8 +208,10 @@ class ReturnService(MultiService):
                     Loop(store).note_returned(note_id, at)
             return self.committer.run(delivered)
         self.counts["failed"] += 1
-        why = f"the referring EHR answered {ack.code}: {ack.error or 'refused'}"
-        self.log.warn("ALERT referral {ref}: consult note {cid} refused ({code})", ref=ref, cid=cid, code=ack.code)
+        who = "the referring EHR" if row["kind"] == "consult-note" else "our EHR"
+        why = f"{who} answered {ack.code}: {ack.error or 'refused'}"
+        self.log.warn("ALERT referral {ref}: {kind} {cid} refused ({code})", ref=ref, kind=row["kind"], cid=cid,
+                      code=ack.code)
         return self.committer.run(lambda store: self._fail(store, row, at, why))
 
     def _failed(self, failure, row: dict):
@@ -174,12 +220,13 @@ class ReturnService(MultiService):
         at = iso_timestamp(now)
         attempts = row["attempts"] + 1
         why = str(failure.value.reason if hasattr(failure.value, "reason") else failure.value)
-        if attempts >= self.leg.max_attempts:
+        _, max_attempts, first_delay, max_delay = self.settings[row["recipient"]]
+        if attempts >= max_attempts:
             self.counts["failed"] += 1
-            self.log.warn("ALERT referral {ref}: consult note {cid} not delivered after {n} attempts",
-                          ref=row["referral_id"], cid=row["message_id"], n=attempts)
+            self.log.warn("ALERT referral {ref}: {kind} {cid} not delivered after {n} attempts",
+                          ref=row["referral_id"], kind=row["kind"], cid=row["message_id"], n=attempts)
             return self.committer.run(lambda store: self._fail(store, row, at, f"{why} ({attempts} attempts)"))
-        delay = min(self.leg.max_delay, self.leg.first_delay * 2 ** (attempts - 1))
+        delay = min(max_delay, first_delay * 2 ** (attempts - 1))
         self.counts["retry"] += 1
         return self.committer.run(lambda store: Outbox(store).update(
             row["id"], event="send-failed", at=at, detail=why, state="RETRY_WAIT", attempts=attempts,
@@ -191,5 +238,6 @@ class ReturnService(MultiService):
                                  attempts=row["attempts"] + 1, last_error=why)
             loop = Loop(store)
             owner = self.config.loop.owner_of(loop.get(row["referral_id"]) or {})
-            loop.alert(key=f"{row['idempotency_key']}/failed", kind="note-return-failed", text=why, at=at, owner=owner,
+            kind = "note-return-failed" if row["kind"] == "consult-note" else f"{row['kind']}-failed"
+            loop.alert(key=f"{row['idempotency_key']}/failed", kind=kind, text=why, at=at, owner=owner,
                        referral_id=row["referral_id"], channel=row["channel"])

@@ -82,6 +82,7 @@ class EngineService(MultiService):
         self.returns.setServiceParent(self)
         self.loop.on_note = self.returns.on_note
         self.direct.on_note = self.returns.on_note
+        self.direct.on_forward = self.returns.on_forward   # the specialist's side: a referral for our EHR
         # Notifications leave on their own thread and connection: a slow relay holds up nothing else.
         self.notify_store = Store.open(config.store_path, busy_timeout_ms=config.busy_timeout_ms,
                                        autocheckpoint=False)

@@ -28,7 +28,10 @@ ACTIVE = ("QUEUED", "RETRY_WAIT")
 LOOP_EVENTS = {("direct", "referral", "SENT"): Kind.SENT, ("direct", "referral", "MDN_PROCESSED"): Kind.DELIVERED,
                ("direct", "referral", "MDN_DISPATCHED"): Kind.DELIVERED, ("fax", "referral", "SUBMITTED"): Kind.SENT,
                ("fax", "referral", "DELIVERED"): Kind.DELIVERED,
-               ("mllp", "consult-note", "DELIVERED"): Kind.NOTE_FILED}
+               ("mllp", "consult-note", "DELIVERED"): Kind.NOTE_FILED,
+               # The specialist's side: the initiator's organisation took our consult note (its MDN).
+               ("direct", "consult-note", "MDN_PROCESSED"): Kind.NOTE_FILED,
+               ("direct", "consult-note", "MDN_DISPATCHED"): Kind.NOTE_FILED}
 WAITING_FOR_MDN = ("SENT", "MDN_PROCESSED")
 
 _OUTBOX_LIST = ("id, created_at, idempotency_key, referral_id, document_id, channel, transport, kind, sender, "
@@ -143,7 +146,8 @@ class Outbox:
             # The referral's business state moves in the same transaction as its packet's.
             from .loop import Loop
             Loop(self.store).apply_if_known(referral[0], loop_kind, at=at[:19] + "Z",
-                                            source=f"{referral[2]} outbox #{outbox_id} {fields['state']}")
+                                            source=f"{referral[2]} outbox #{outbox_id} {fields['state']}",
+                                            once=loop_kind in (Kind.DELIVERED, Kind.NOTE_FILED))
 
     def get(self, outbox_id: int) -> dict | None:
         rows = list(self.store.db.query("SELECT * FROM outbox WHERE id = ?", [int(outbox_id)]))

@@ -285,6 +285,24 @@ def _v6_loop(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX messages_unapplied ON messages(channel) WHERE applied_at IS NULL AND status = 'accepted'")
 
 
+@_migration
+def _v7_two_sides(db: sqlite_utils.Database) -> None:
+    # The specialist's engine keeps the referrals it receives in the same table, with the same
+    # states (the recipient's view): side says whose referral it is, partner where answers go
+    # (the initiator's Direct address) or come from.
+    db["referrals"].add_column("side", str, not_null_default="initiator")
+    db["referrals"].add_column("partner", str)
+    # 360X messages for the partner, written in the transaction that applied the event they
+    # report, packed into Direct packets later by the Direct thread (which holds the keys).
+    db["relay"].create(
+        {"id": int, "key": str, "created_at": str, "referral_id": str, "kind": str, "message_type": str,
+         "message": bytes, "document": bytes, "recipient": str, "outbox_id": int, "packed_at": str, "error": str},
+        pk="id", not_null={"key", "created_at", "referral_id", "kind", "recipient"},
+    )
+    db["relay"].create_index(["key"], index_name="relay_key", unique=True)
+    db.execute("CREATE INDEX relay_pending ON relay(id) WHERE packed_at IS NULL")
+
+
 _INSERT = (
     "INSERT OR IGNORE INTO messages (received_at, listener, peer, channel, status, "
     "sending_application, sending_facility, message_type, control_id, referral_id, charset, "
