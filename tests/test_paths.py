@@ -46,3 +46,22 @@ def test_relative_path_reads_the_given_segment(reader):
 def test_bad_paths_are_named(bad):
     with pytest.raises(PathError):
         parse_path(bad)
+
+
+@pytest.mark.parametrize("raw", [
+    MSG,
+    b"\xef\xbb\xbf\r\n" + MSG.replace(b"Smith", "Sm\u00eft\u00e9".encode()).replace(
+        b"2.5.1\r", b"2.5.1||||||UNICODE UTF-8\r"),  # BOM, a blank line, UTF-8 text
+    MSG.replace(b"|", b"#").replace(b"^~\\&", b"@!$%"),  # other delimiters
+])
+def test_a_message_read_from_bytes_reads_as_its_text(raw):
+    """read_message reuses the header it read for the charset: the reader must equal one made from the text."""
+    from hl7referral.cda.mapping import read_message
+    from hl7referral.v2.header import BOM, read_header
+    from hl7referral.v2.charset import codec_for
+
+    from_bytes = read_message(raw)
+    from_text = Reader(raw.removeprefix(BOM).decode(codec_for(read_header(raw).charset)))
+    assert from_bytes.segments_list == from_text.segments_list
+    for path in ("PID-5.1", "PID-5", "PRD[RP]-2.2", "PID-3(*)", "DG1(*)-3.1", "MSH-2"):
+        assert from_bytes.values(parse_path(path)) == from_text.values(parse_path(path)), path

@@ -413,17 +413,23 @@ def test_same_referral_same_bytes():
 
 def test_template_skeletons_hold_constants_only():
     """The skeletons parsed once and copied into every document (``_Proto``, ``nv.Columns``) never change and
-    never take document data: nothing of one patient's document can reach the next one."""
+    never take document data: nothing of one patient's document can reach the next one. That holds for the
+    skeletons made on first use too (one per shape of a name, an address, a result…; whole tables)."""
     from hl7referral.cda import narrative as nv
     from hl7referral.cda import referral_note as rn
 
     def skeletons() -> dict[str, bytes]:
         found = {}
         for name, value in vars(rn).items():
-            if isinstance(value, rn._Proto):
-                found[name] = etree.tostring(value.root)
-            elif isinstance(value, nv.Columns):
-                found[name] = etree.tostring(value._table) + etree.tostring(value._row)
+            for key, item in (value.items() if isinstance(value, dict) else [("", value)]):
+                if isinstance(item, rn._Proto):
+                    for form, proto in (("", item), ("empty", item.empty), ("with_text", item.with_text)):
+                        if proto is not None:
+                            found[f"{name}{key}{form}"] = etree.tostring(proto.root)
+                elif isinstance(item, nv.Columns):
+                    found[name] = etree.tostring(item._table) + etree.tostring(item._row)
+                    for rows, table in item._tables.items():
+                        found[f"{name}{rows}"] = etree.tostring(table)
         return found
 
     before = skeletons()
@@ -431,20 +437,52 @@ def test_template_skeletons_hold_constants_only():
     for make in REFERRALS.values():
         build_referral_note(make())
     build_referral_note(adult(), BuildOptions(title="Other title", language="de-DE", confidentiality="R"))
-    assert skeletons() == before
-    kept = b"".join(before.values()).decode()
-    for data in ("Everywoman", "MRN12345", "REF-0001", "Rex", "Chest pain", "Other title", "de-DE", "1c2d8a3e"):
+    after = skeletons()
+    assert {name: after[name] for name in before} == before  # and new ones for shapes not seen before
+    kept = b"".join(after.values()).decode()
+    for data in ("Everywoman", "MRN12345", "REF-0001", "Rex", "Chest pain", "Other title", "de-DE", "1c2d8a3e",
+                 "Penicillin", "Glucose", "Portland", "Patricia", "Good Health"):
         assert data not in kept
 
 
-def test_table_rows_wider_or_narrower_than_the_header_keep_their_cells():
+def test_a_cell_has_its_id_only_while_it_has_text_table_after_table():
+    """Whole tables are copied from skeletons that hold the cells' IDs: a blank cell must not keep one."""
     from hl7referral.cda import narrative as nv
 
-    parent = etree.Element(V3 + "text")
-    nv.table(parent, nv.Columns("A", "B"), [["1", "2", nv.Cell("3", "c3")], ["4"], ["5", "6"]])
-    rows = [[(td.text, td.get("ID")) for td in tr] for tr in parent.iter(V3 + "tr")]
-    assert rows == [[("A", None), ("B", None)], [("1", None), ("2", None), ("3", "c3")], [("4", None)],
-                    [("5", None), ("6", None)]]
+    columns = nv.Columns("A", "B")
+    cells = []
+    for rows in ([[nv.Cell("x", "a1"), nv.Cell("", "b1")]], [[nv.Cell("", "a1"), nv.Cell("y", "b1")]],
+                 [[nv.Cell("x", "a1"), nv.Cell("", "b1")], ["", nv.Cell("z", "b2")]]):
+        parent = etree.Element(V3 + "text")
+        nv.table(parent, columns, rows)
+        cells.append([(td.text, td.get("ID")) for td in parent.iter(V3 + "td")])
+    assert cells == [[("x", "a1"), (None, None)], [(None, None), ("y", "b1")],
+                     [("x", "a1"), (None, None), (None, None), ("z", "b2")]]
+
+
+def test_names_and_addresses_of_any_shape_keep_every_part(validator):
+    """Names and addresses are copied from a skeleton per shape; unusual ones are built part by part."""
+    r = adult()
+    r.patient.names = [Name("Many", ["A", "B", "C", "D", "E", "F"], "Dr", "Jr"), Name("", ["Solo"])]
+    r.patient.addr = [Address(["1 A St", "Unit 2", "Floor 3", "Wing 4", "Door 5"], "Lyon", "", "69001", "FR", "HP"),
+                      Address(["9 B St"])]
+    tree = build_referral_note(r)
+    assert validator.schema.validate(tree)
+    pt = "cda:recordTarget/cda:patientRole"
+    names = xp(tree, f"{pt}/cda:patient/cda:name")
+    assert [[(part.tag[len(V3):], part.text, part.get("nullFlavor")) for part in name] for name in names] == [
+        [("prefix", "Dr", None), *[("given", g, None) for g in "ABCDEF"], ("family", "Many", None),
+         ("suffix", "Jr", None)],
+        [("given", "Solo", None), ("family", None, "UNK")],
+    ]
+    addrs = xp(tree, f"{pt}/cda:addr")
+    assert [(a.get("use"), [(part.tag[len(V3):], part.text, part.get("nullFlavor")) for part in a]) for a in addrs] == [
+        ("HP", [("streetAddressLine", "1 A St", None), ("streetAddressLine", "Unit 2", None),
+                ("streetAddressLine", "Floor 3", None), ("streetAddressLine", "Wing 4", None),
+                ("city", "Lyon", None), ("postalCode", "69001", None), ("country", "FR", None)]),
+        ("H", [("streetAddressLine", "9 B St", None), ("city", None, "UNK"), ("state", None, "UNK"),
+               ("postalCode", None, "UNK")]),
+    ]
 
 
 # --- negative: the validator catches what the Schematron alone would not ----------------------------

@@ -39,6 +39,10 @@ _NOT_PHONE = re.compile(r"[^\d+X x-]")
 _DIGIT = re.compile(r"\d")
 
 
+# The functions below make model values with positional arguments, in the field order of
+# model.py: a dataclass made with keywords costs twice as much, and they run for most fields.
+
+
 def _c(value: Value, comp: int, sub: int = 1) -> str:
     if isinstance(value, str):
         return value.strip() if comp == 1 and sub == 1 else ""
@@ -48,28 +52,59 @@ def _c(value: Value, comp: int, sub: int = 1) -> str:
     return subs[sub - 1].strip() if sub <= len(subs) else ""
 
 
+def _firsts(value: Value, n: int) -> list[str]:
+    """``[_c(value, 1), …, _c(value, n)]`` in one call (the functions below run for most fields)."""
+    if isinstance(value, str):
+        return [value.strip()] + [""] * (n - 1)
+    out = [subs[0].strip() if subs else "" for subs in value[:n]]
+    if len(out) < n:
+        out += [""] * (n - len(out))
+    return out
+
+
+def _c1(value: Value) -> str:
+    """``_c(value, 1)``."""
+    if isinstance(value, str):
+        return value.strip()
+    if value:
+        subs = value[0]
+        if subs:
+            return subs[0].strip()
+    return ""
+
+
 def text(value: Value) -> str | None:
     """The first component (the usual 'just the value')."""
-    return _c(value, 1) or None
+    if isinstance(value, str):  # _c1(value), inlined: the function of most rules
+        return value.strip() or None
+    if value:
+        subs = value[0]
+        if subs:
+            return subs[0].strip() or None
+    return None
 
 
 def ts(value: Value) -> str | None:
     """A TS/DTM: the digits and offset, as HL7 wrote them; None if not a timestamp."""
-    v = _c(value, 1)
+    v = _c1(value)
     return v if _TS.fullmatch(v) else None
 
 
 def cwe(value: Value) -> Code | None:
     """CE/CWE: code ^ text ^ system (^ alternate code ^ alternate text ^ alternate system)."""
-    code, display, system = _c(value, 1), _c(value, 2), _c(value, 3)
+    c = _firsts(value, 6)
+    code, display, system = c[0], c[1], c[2]
     if not code and isinstance(value, list) and len(value) > 3:  # only an alternate code
-        code, display, system = _c(value, 4), _c(value, 5) or display, _c(value, 6)
+        code, display, system = c[3], c[4] or display, c[5]
     if not (code or display):
         return None
-    oid = SYSTEMS.get(system.upper(), system if _OID.fullmatch(system) else "")
-    if system.upper().startswith("HL7") and system[3:].isdigit():
+    upper = system.upper()
+    oid = SYSTEMS.get(upper)
+    if oid is None:
+        oid = system if _OID.fullmatch(system) else ""
+    if upper.startswith("HL7") and system[3:].isdigit():
         oid = f"2.16.840.1.113883.12.{int(system[3:])}"
-    return Code(code=code, system=oid, display=display, system_name=system, original_text=display)
+    return Code(code, oid, display, system, display)  # code, system, display, system_name, original_text
 
 
 def _hd(value: Value, comp: int) -> tuple[str, str]:
@@ -85,7 +120,7 @@ def cx(value: Value) -> Identifier | None:
     if not ext:
         return None
     root, authority = _hd(value, 4)
-    return Identifier(root=root, extension=ext, authority=authority or _c(value, 5))
+    return Identifier(root, ext, authority or _c(value, 5))  # root, extension, authority
 
 
 def ei(value: Value) -> Identifier | None:
@@ -95,15 +130,15 @@ def ei(value: Value) -> Identifier | None:
         return None
     uid, kind = _c(value, 3), _c(value, 4)
     root = uid if kind.upper() in ("ISO", "") and _OID.fullmatch(uid or "") else ""
-    return Identifier(root=root, extension=ext, authority=_c(value, 2) or uid)
+    return Identifier(root, ext, _c(value, 2) or uid)
 
 
 def xpn(value: Value) -> Name | None:
     """XPN: family ^ given ^ middle ^ suffix ^ prefix ^ degree."""
-    family, given, middle = _c(value, 1), _c(value, 2), _c(value, 3)
+    family, given, middle, suffix, prefix = _firsts(value, 5)
     if not (family or given):
         return None
-    return Name(family=family, given=[g for g in (given, middle) if g], prefix=_c(value, 5), suffix=_c(value, 4))
+    return Name(family, [g for g in (given, middle) if g], prefix, suffix)  # family, given, prefix, suffix
 
 
 def xcn_name(value: Value) -> Name | None:
@@ -131,8 +166,8 @@ def pi(value: Value) -> Identifier | None:
     if not ext:
         return None
     if kind.upper() == "NPI":
-        return Identifier(root=OID["NPI"], extension=ext, authority="NPI")
-    return Identifier(root="", extension=ext, authority=kind)
+        return Identifier(OID["NPI"], ext, "NPI")
+    return Identifier("", ext, kind)
 
 
 def npi(value: Value) -> Identifier | None:
@@ -143,9 +178,10 @@ def npi(value: Value) -> Identifier | None:
 
 def xad(value: Value) -> Address | None:
     """XAD: street ^ other ^ city ^ state ^ zip ^ country ^ type."""
-    lines = [x for x in (_c(value, 1), _c(value, 2)) if x]
-    addr = Address(lines=lines, city=_c(value, 3), state=_c(value, 4), postal_code=_c(value, 5),
-                   country=_c(value, 6), use={"B": "WP", "O": "WP", "W": "WP"}.get(_c(value, 7).upper(), "H"))
+    street, other, city, state, postal_code, country, kind = _firsts(value, 7)
+    lines = [x for x in (street, other) if x]
+    # lines, city, state, postal_code, country, use
+    addr = Address(lines, city, state, postal_code, country, {"B": "WP", "O": "WP", "W": "WP"}.get(kind.upper(), "H"))
     return addr if addr else None
 
 
@@ -155,25 +191,25 @@ _USE = {"PRN": "HP", "ORN": "HP", "WPN": "WP", "VHN": "HV", "ASN": "AS", "EMR": 
 
 def xtn(value: Value) -> Telecom | None:
     """XTN: a phone number or an email address as a URL (tel:/mailto:/fax:)."""
-    use, equipment = _c(value, 2).upper(), _c(value, 3).upper()
-    email = _c(value, 4)
-    if email or equipment in ("INTERNET", "X.400") or "@" in _c(value, 1):
-        addr = email or _c(value, 1)
-        return Telecom(value=f"mailto:{addr}", use=_USE.get(use, "")) if addr else None
-    country, area, local, ext = _c(value, 5), _c(value, 6), _c(value, 7), _c(value, 8)
+    c = _firsts(value, 12)
+    use, equipment = c[1].upper(), c[2].upper()
+    email = c[3]
+    if email or equipment in ("INTERNET", "X.400") or "@" in c[0]:
+        addr = email or c[0]
+        return Telecom(f"mailto:{addr}", _USE.get(use, "")) if addr else None  # value, use
+    country, area, local, ext = c[4], c[5], c[6], c[7]
     if local:
         digits = f"{area}{local}"
         number = f"+{country}-{digits}" if country else digits
     else:
-        number = _c(value, 12) or _c(value, 1)
+        number = c[11] or c[0]
     number = _NOT_PHONE.sub("", number.replace("(", "").replace(")", "-")).strip(" -")
     if not _DIGIT.search(number):
         return None
     if ext:
         number += f";ext={ext}"
     scheme = "fax" if equipment == "FX" else "tel"
-    return Telecom(value=f"{scheme}:{number.replace(' ', '-')}",
-                   use="MC" if equipment == "CP" else _USE.get(use, ""))
+    return Telecom(f"{scheme}:{number.replace(' ', '-')}", "MC" if equipment == "CP" else _USE.get(use, ""))
 
 
 BUILTIN: dict[str, Function] = {

@@ -249,7 +249,24 @@ def _constant(item: type, value: Any, where: str, fail) -> Any:
 
 def _fill(omap: ObjectMap, obj: Any, reader: Reader, segment, errors: list, prefix: str) -> Any:
     for rule in omap.rules:
-        values = _values(rule, reader, segment)
+        # The rule's values: the first filled one (all of them for a list or a present rule), else
+        # its default. Inline rather than a function of its own: this runs for every rule of every message.
+        values = []
+        fn, table = rule.fn, rule.table
+        first_only = not rule.many and not rule.present
+        for path in rule.paths:
+            for raw in reader.values(path, segment):
+                value = fn(raw) if fn else raw
+                if table is not None and value is not None:
+                    value = _translate(table, value)
+                if (value != "") if type(value) is str else _filled(value):
+                    values.append(value)
+                    if first_only:
+                        break
+            if values and first_only:
+                break
+        if not values and rule.default is not None:
+            values = [_clone(rule.default)]
         if rule.present:
             setattr(obj, rule.target, bool(values))
             continue
@@ -260,7 +277,7 @@ def _fill(omap: ObjectMap, obj: Any, reader: Reader, segment, errors: list, pref
                 named = " or ".join(_describe(q, segment) for q in rule.paths) or "(default)"
                 errors.append(MissingField(prefix + rule.target, named, seg, (p.field or 0) if p else 0))
             continue
-        setattr(obj, rule.target, list(values) if rule.many else values[0])
+        setattr(obj, rule.target, values if rule.many else values[0])  # a list made for this object
     for name, child in omap.children.items():
         if child.each is not None:
             items = []
@@ -287,6 +304,8 @@ _SELF_TESTING = (str, Code, Identifier, Name, Address, Telecom)
 
 
 def _filled(value: Any) -> bool:
+    if type(value) is str:
+        return value != ""
     if value is None or isinstance(value, _SELF_TESTING):
         return bool(value)
     if dataclasses.is_dataclass(value):
@@ -294,25 +313,14 @@ def _filled(value: Any) -> bool:
     return bool(value)
 
 
-def _values(rule: Rule, reader: Reader, segment) -> list:
-    out = []
-    for path in rule.paths:
-        for raw in reader.values(path, segment):
-            value = rule.fn(raw) if rule.fn else raw
-            if rule.table is not None and value is not None:
-                value = _translate(rule.table, value)
-            if _filled(value):
-                out.append(value)
-            if out and not rule.many and not rule.present:
-                return out
-    if not out and rule.default is not None:
-        out = [_clone(rule.default)]
-    return out
-
-
 def _clone(value: Any) -> Any:
     """A fresh copy of a table or default value (each referral gets its own)."""
-    if isinstance(value, (Code, Identifier)):  # flat: strings only
+    if type(value) in (Code, Identifier):  # flat: strings only
+        # copy.copy, without the copy module's reduce round trip: the same fields in a new object
+        new = object.__new__(type(value))
+        new.__dict__.update(value.__dict__)
+        return new
+    if isinstance(value, (Code, Identifier)):
         return copy.copy(value)
     return copy.deepcopy(value) if dataclasses.is_dataclass(value) or isinstance(value, list) else value
 
@@ -335,8 +343,8 @@ def _describe(path: Path, segment) -> str:
 def read_message(raw: bytes, default_charset: str = "ascii") -> Reader:
     """A path reader over a message's bytes, decoded in its declared charset (MSH-18)."""
     try:
-        codec = charset.codec_for(read_header(raw).charset, default_charset)
-        return Reader.from_bytes(raw, codec)
+        header = read_header(raw)
+        return Reader._from_bytes_read(raw, charset.codec_for(header.charset, default_charset), header)
     except (NotHL7, BrokenHeader, charset.UnknownCharset, UnicodeDecodeError) as exc:
         raise ParseError(str(exc)) from None
 

@@ -19,7 +19,6 @@ Invariants
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
@@ -74,11 +73,12 @@ def _cell(row: etree._Element, tag: str, cell: Cell | str) -> None:
 
 def _fill_cell(el: etree._Element, cell: Cell | str) -> None:
     if isinstance(cell, Cell):
-        value = clean(cell.text)
-        if cell.id and value:
-            el.set("ID", cell.id)
+        text, id = cell
+        value = text if text and text.isprintable() else clean(text)  # clean(), its common case inlined
+        if id and value:
+            el.set("ID", id)
     else:
-        value = clean(cell)
+        value = cell if cell and cell.isprintable() else clean(cell)
     if value:
         el.text = value
 
@@ -89,7 +89,10 @@ class Columns:
     Copying a skeleton is done in C and costs a third of making the same
     elements one ``SubElement`` at a time; tables are most of a document's
     elements. Only the headers (the builder's constants, never document data)
-    are in the skeletons.
+    are in the skeletons. Whole tables are kept too: *n* full-width rows whose
+    cells carry given ``ID`` attributes (the builder's references, by row
+    number: constants too), made on first use, at most :data:`MAX_SKELETONS`
+    per Columns: one copy instead of one per row, and no ``ID`` to set.
     """
 
     def __init__(self, *headers: str) -> None:
@@ -101,23 +104,57 @@ class Columns:
         self._row = etree.Element(V3 + "tr")
         for _ in headers:
             etree.SubElement(self._row, V3 + "td")
+        self._tables: dict[tuple[int, tuple[str, ...]], etree._Element] = {}
 
     def new_table(self, parent: etree._Element) -> etree._Element:
         """A copy of ``<table><thead>…</thead></table>`` appended to *parent*."""
-        t = copy.copy(self._table)  # lxml copies an element with its whole subtree
+        t = self._table.__copy__()  # lxml copies an element with its whole subtree
         parent.append(t)
         return t
 
     def new_row(self, body: etree._Element, width: int) -> etree._Element:
         """A ``tr`` of *width* empty cells appended to *body*."""
         if width == len(self.headers):
-            tr = copy.copy(self._row)
+            tr = self._row.__copy__()
             body.append(tr)
         else:  # a row wider or narrower than the header: its own cells
             tr = etree.SubElement(body, V3 + "tr")
             for _ in range(width):
                 etree.SubElement(tr, V3 + "td")
         return tr
+
+    def new_full_table(self, parent: etree._Element, rows: int, ids: tuple[str, ...] = ()) -> etree._Element | None:
+        """A copy of the table with ``tbody`` and *rows* full-width rows of empty cells, appended to *parent*.
+
+        *ids*: each cell's ``ID`` in document order ("" for none; all none when empty). None (and
+        nothing appended) when *rows* is not in 1..:data:`MAX_SKELETON_ROWS`, or when this
+        skeleton is not kept yet and :data:`MAX_SKELETONS` are.
+        """
+        if not 0 < rows <= MAX_SKELETON_ROWS:
+            return None
+        key = (rows, ids)
+        skeleton = self._tables.get(key)
+        if skeleton is None:
+            if len(self._tables) >= MAX_SKELETONS:
+                return None
+            # Made from the constant parts only; a race between threads makes two equal skeletons.
+            skeleton = self._table.__copy__()
+            body = etree.SubElement(skeleton, V3 + "tbody")
+            for _ in range(rows):
+                body.append(self._row.__copy__())
+            for td, id in zip(skeleton.iter(_TD), ids):
+                if id:
+                    td.set("ID", id)
+            skeleton = self._tables.setdefault(key, skeleton)
+        t = skeleton.__copy__()
+        parent.append(t)
+        return t
+
+
+# Tables up to this many rows are copied whole (:meth:`Columns.new_full_table`); longer ones row by row.
+MAX_SKELETON_ROWS = 64
+# Whole-table skeletons kept per Columns (one per row count and set of cell IDs that occurred).
+MAX_SKELETONS = 256
 
 
 def table(
@@ -129,13 +166,40 @@ def table(
     (a section with no rows is a "No information" section instead). Callers
     that make the same table for every document pass :class:`Columns` made once.
     """
-    columns = headers if isinstance(headers, Columns) else Columns(*headers)
+    rows = rows if isinstance(rows, list) else list(rows)
+    if isinstance(headers, Columns):
+        columns = headers
+        width = len(columns.headers)
+        if all(len(row) == width for row in rows):
+            # _fill_cell's text and ID for every cell, in document order; the IDs come in the skeleton.
+            texts, ids = [], []
+            for row in rows:
+                for c in row:
+                    if isinstance(c, Cell):
+                        text, id = c
+                        value = text if text and text.isprintable() else clean(text)
+                        ids.append(id if id and value else "")
+                    else:
+                        value = c if c and c.isprintable() else clean(c)
+                        ids.append("")
+                    texts.append(value)
+            t = columns.new_full_table(parent, len(rows), tuple(ids))
+            if t is not None:
+                for td, value in zip(t.iter(_TD), texts):
+                    if value:
+                        td.text = value
+                return t
+    else:
+        columns = Columns(*headers)
     t = columns.new_table(parent)
     body = etree.SubElement(t, V3 + "tbody")
     for row in rows:
         for td, c in zip(columns.new_row(body, len(row)), row):
             _fill_cell(td, c)
     return t
+
+
+_TD = V3 + "td"
 
 
 def item_list(parent: etree._Element, items: Iterable[Cell | str]) -> etree._Element:

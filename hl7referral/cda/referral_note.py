@@ -43,8 +43,15 @@ Invariants
 * Speed: fixed template parts (the document head, sections, entries, the
   narrative tables' header and empty rows) are parsed once and deep-copied
   (:class:`_Proto`, :class:`~.narrative.Columns`); only document values are
-  set element by element. The skeletons hold constants only, never document
-  data (tests/test_referral_note.py checks that building leaves them as they were).
+  set element by element. Where data decides the structure (a name's parts,
+  an address's, a result's value kind, an allergy's reaction and severity,
+  whether a narrative reference exists), there is one skeleton per shape, the
+  shape's elements and constant attributes in place (``_shape`` and the
+  ``*_proto`` functions; a copied element costs a fraction of a SubElement,
+  and every ``set()`` or SubElement has lxml check the name). The skeletons
+  hold constants only, never document data (tests/test_referral_note.py
+  checks that building leaves them as they were); shapes come from finite
+  sets, so their caches stay small.
 * Veterinary referrals (``referral.veterinary`` or a patient species): the
   animal's name stays the patient name; species and breed are stated in
   ``patient/sdtc:desc``, in the Reason for Referral narrative ("Patient" table)
@@ -61,10 +68,10 @@ Invariants
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lxml import etree
@@ -119,6 +126,7 @@ _TS_RE = re.compile(r"(\d{4,14})(\.\d+)?([+-]\d{4})?\Z")
 _NUMBER_RE = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\Z")
 _RANGE_RE = re.compile(r"\s*([+-]?\d+(?:\.\d+)?)\s*-\s*([+-]?\d+(?:\.\d+)?)\s*\Z")
 _PHONE_RE = re.compile(r"\+?[\d ().\-]*\d[\d ().\-]*\Z")
+_PHONE_SEPARATORS = re.compile(r"[ ().\-]")
 _SYSTEM_NAMES = {oid: name for name, oid in OID.items()}
 _KNOWN_SYSTEMS = frozenset(_SYSTEM_NAMES)  # OIDs of the named systems: the usual code.system, no regex needed
 # HL7 v2 coding-system names (table 0396) a mapping may pass through instead of an OID.
@@ -156,8 +164,22 @@ def to_bytes(tree: etree._ElementTree | etree._Element) -> bytes:
 # --- small helpers -------------------------------------------------------------------------------
 
 
+_SubElement = etree.SubElement
+
+
 def _el(parent: etree._Element, tag: str, attrib: dict[str, str] | None = None) -> etree._Element:
-    return etree.SubElement(parent, V3 + tag, attrib)
+    el = _SubElement(parent, V3 + tag)
+    if attrib:
+        # One set() per attribute costs less than SubElement's attrib argument (same order).
+        for name, value in attrib.items():
+            el.set(name, value)
+    return el
+
+
+def _set_attrs(el: etree._Element, attrib: dict[str, str]) -> None:
+    """``el.attrib.update(attrib)`` without making the attrib proxy."""
+    for name, value in attrib.items():
+        el.set(name, value)
 
 
 def _text_el(parent: etree._Element, tag: str, text: str) -> etree._Element:
@@ -166,11 +188,16 @@ def _text_el(parent: etree._Element, tag: str, text: str) -> etree._Element:
     return el
 
 
+def _org_text(parent: etree._Element, tag: str, text: str) -> None:
+    """``<tag><name>text</name></tag>`` (``desc`` for a scopingEntity) under *parent*; tag from ``_W_ORG_NAMES``."""
+    _W_ORG_NAMES[tag].add(parent)["text"].text = nv.clean(text)
+
+
 def _reference_text(id: str) -> etree._Element:
     """A free ``<text><reference value="#id"/></text>``, for the caller to place in an entry."""
-    text = etree.Element(V3 + "text")
-    nv.reference(text, id)
-    return text
+    s = _TEXT_REFERENCE.new()
+    s["ref"].set("value", "#" + id)
+    return s[""]
 
 
 def is_root(value: str) -> bool:
@@ -212,7 +239,11 @@ def ts_value(value: str) -> str:
     The schema allows fractional seconds only after 14 digits and a zone only
     after more than 8 digits, so those parts are dropped when they cannot stand.
     """
-    m = _TS_RE.match(value.strip()) if value else None
+    if not value:
+        return ""
+    if 4 <= len(value) <= 14 and value.isascii() and value.isdecimal():
+        return value  # plain digits (the usual date or date-time): what the match below would give
+    m = _TS_RE.match(value.strip())
     if not m:
         return ""
     digits, fraction, zone = m.group(1), m.group(2) or "", m.group(3) or ""
@@ -266,10 +297,15 @@ def _uuid5_bytes(namespace: bytes, name: str) -> bytes:
     return bytes(h)
 
 
+# The RFC 4122 variant sets the top two bits of byte 8: its first hex digit becomes 8, 9, a or b.
+_VARIANT_DIGIT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
+
+
 def uuid5(namespace: bytes, name: str) -> str:
     """``str(uuid.uuid5(UUID(bytes=namespace), name))``, without the UUID object (a document needs dozens)."""
-    x = _uuid5_bytes(namespace, name).hex()
-    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+    x = hashlib.sha1(namespace + name.encode("utf-8")).hexdigest()
+    # _uuid5_bytes(...).hex() in its 8-4-4-4-12 form: version digit 5, then the variant digit.
+    return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT_DIGIT[x[16]]}{x[17:20]}-{x[20:32]}"
 
 
 def _code_phrase(code: Code) -> str:
@@ -292,7 +328,7 @@ def _telecom_value(value: str) -> str:
     if "@" in v:
         return "mailto:" + v
     if _PHONE_RE.match(v):
-        return "tel:" + re.sub(r"[ ().\-]", "", v)  # separators dropped: a tel URI has no spaces
+        return "tel:" + _PHONE_SEPARATORS.sub("", v)  # separators dropped: a tel URI has no spaces
     return v
 
 
@@ -351,27 +387,56 @@ class _Proto:
                     path.insert(0, parent.index(node))
                     node = parent
                 self.slots.append((name, tuple(path)))
+        # Other forms of the same skeleton, when it has them (see _section_proto).
+        self.empty: _Proto | None = None
+        self.with_text: _Proto | None = None
+        # How to reach the slots in a copy: one step (node number, child index) per distinct path
+        # prefix, so that slots sharing ancestors look each ancestor up once (every lookup makes
+        # a Python proxy for the element).
+        self._steps: list[tuple[int, int]] = []
+        numbered: dict[tuple[int, ...], int] = {(): 0}
+        for name, path in self.slots:
+            for k in range(1, len(path) + 1):
+                if path[:k] not in numbered:
+                    numbered[path[:k]] = len(numbered)
+                    self._steps.append((numbered[path[:k - 1]], path[k - 1]))
+        self._names = [(name, numbered[path]) for name, path in self.slots]
 
     def new(self) -> dict[str, etree._Element]:
         """A copy of its own (the root of a new document); returns its slots by name ("" is the copy)."""
-        # An lxml element's copy.copy is already a deep copy (the whole subtree), without the
-        # memo bookkeeping of copy.deepcopy: half the cost of a small skeleton.
-        return self._slots(copy.copy(self.root))
+        # An lxml element's copy is already a deep copy (the whole subtree), without the memo
+        # bookkeeping of copy.deepcopy; __copy__ directly also skips the copy module's dispatch.
+        return self._slots(self.root.__copy__())
 
     def add(self, parent: etree._Element) -> dict[str, etree._Element]:
         """Append a copy to *parent*; returns its slots by name ("" is the copy itself)."""
-        el = copy.copy(self.root)
+        el = self.root.__copy__()
         parent.append(el)
         return self._slots(el)
 
     def _slots(self, el: etree._Element) -> dict[str, etree._Element]:
+        nodes = [el]
+        for src, i in self._steps:
+            nodes.append(nodes[src][i])
         found = {"": el}
-        for name, path in self.slots:
-            node = el
-            for i in path:
-                node = node[i]
-            found[name] = node
+        for name, n in self._names:
+            found[name] = nodes[n]
         return found
+
+
+_SHAPES: dict[tuple, _Proto] = {}
+
+
+def _shape(key: tuple, xml: Callable[[], str]) -> _Proto:
+    """The skeleton for one shape of a data-dependent element (a name, an address, an entry).
+
+    *key* names the shape from a finite set (bounded counts, codes from a fixed list); *xml()*
+    writes its XML from constants and empty placeholders only. Made on first use, then copied.
+    """
+    proto = _SHAPES.get(key)
+    if proto is None:
+        proto = _SHAPES.setdefault(key, _Proto(xml()))  # two threads may both make it: the same skeleton
+    return proto
 
 
 def _tids(root: str, extension: str = "", r11: bool = True) -> str:
@@ -385,14 +450,27 @@ def _tids(root: str, extension: str = "", r11: bool = True) -> str:
 def _section_proto(
     root: str, extension: str, code: str, display: str, title: str, no_information: bool = False
 ) -> _Proto:
-    """A section's skeleton; *no_information*: its "No information" form (what ``section(…, False)`` makes)."""
-    null = ' nullFlavor="NI"' if no_information else ""
-    text = f"<text>{nv.NO_INFORMATION}</text>" if no_information else ""
-    return _Proto(
-        f'<component><section slot="section"{null}>{_tids(root, extension)}'
-        f'<code code="{code}" codeSystem="{OID["LOINC"]}" codeSystemName="LOINC" displayName="{display}"/>'
-        f"<title>{title}</title>{text}</section></component>"
-    )
+    """A section's skeleton; *no_information*: its "No information" form (what ``section(…, False)`` makes).
+
+    The plain form also carries its two other forms, for :meth:`_Builder.section` and
+    :meth:`_Builder.section_text`: ``empty`` ("No information") and ``with_text`` (an empty
+    ``text`` to write the narrative in, slot ``text``).
+    """
+
+    def proto(null: str, text: str) -> _Proto:
+        return _Proto(
+            f'<component><section slot="section"{null}>{_tids(root, extension)}'
+            f'<code code="{code}" codeSystem="{OID["LOINC"]}" codeSystemName="LOINC" displayName="{display}"/>'
+            f"<title>{title}</title>{text}</section></component>"
+        )
+
+    empty = proto(' nullFlavor="NI"', f"<text>{nv.NO_INFORMATION}</text>")
+    if no_information:
+        return empty
+    plain = proto("", "")
+    plain.empty = empty
+    plain.with_text = proto("", '<text slot="text"/>')
+    return plain
 
 
 _S_REASON = _section_proto(
@@ -444,6 +522,25 @@ _DOCUMENT = _Proto(
       <setId slot="set_id"/><versionNumber value="1"/>
     </ClinicalDocument>"""
 )
+# Header and body wrappers: the fixed elements around what the helpers append.
+_W_RECORD_TARGET = _Proto('<recordTarget><patientRole slot="role"/></recordTarget>')
+_W_AUTHOR = _Proto('<author><time slot="time"/><assignedAuthor slot="assigned"/></author>')
+_W_CUSTODIAN = _Proto(
+    '<custodian><assignedCustodian><representedCustodianOrganization slot="org"/></assignedCustodian></custodian>'
+)
+_W_INFORMATION_RECIPIENT = _Proto('<informationRecipient><intendedRecipient slot="recipient"/></informationRecipient>')
+_W_CALLBACK = _Proto(
+    '<participant typeCode="CALLBCK"><associatedEntity classCode="ASSIGNED" slot="entity"/></participant>'
+)
+_W_OWNER = _Proto('<participant typeCode="IND"><associatedEntity classCode="PRS" slot="entity"/></participant>')
+_W_BODY = _Proto('<component><structuredBody slot="body"/></component>')
+# An organisation named in text: represented/scoping/received organisation's name, scoping entity's desc.
+_W_ORG_NAMES = {
+    tag: _Proto(f'<{tag}><{inner} slot="text"/></{tag}>')
+    for tag, inner in (("representedOrganization", "name"), ("scopingOrganization", "name"),
+                       ("receivedOrganization", "name"), ("scopingEntity", "desc"))
+}
+
 # The narrative tables' columns (their thead and empty row are built once).
 _T_REASON = nv.Columns("Item", "Details")
 _T_PATIENT = nv.Columns("Patient", "Species", "Breed", "Owner", "Owner contact")
@@ -456,43 +553,87 @@ _T_PAYERS = nv.Columns("Payer", "Plan", "Member ID", "Group number", "Authorizat
 _ASSERTION = f'<code code="ASSERTION" codeSystem="{ACT_CODE}" displayName="Assertion"/>'
 _CONCERN = f'<code code="CONC" codeSystem="{ACT_CLASS}" displayName="Concern"/>'
 
-# Referral Act 4.140 (in its entry); the text (when the reason is in the narrative), priority and the
-# participations are added per document.
-_E_REFERRAL_ACT = _Proto(
-    """<entry><act classCode="PCPR" moodCode="INT" slot="act">
+_TEXT_REFERENCE = _Proto('<text><reference slot="ref"/></text>')  # see _reference_text
+_REASON_TEXT = '<text><reference value="#rfr-reason"/></text>'  # the Reason for Referral table's cell
+
+
+def _referral_act_proto(has_reason: bool) -> _Proto:
+    """Referral Act 4.140 (in its entry); with *has_reason*, its text points at the reason in the table.
+
+    The priority and the participations are added per document.
+    """
+    return _Proto(
+        f"""<entry><act classCode="PCPR" moodCode="INT" slot="act">
       <templateId root="2.16.840.1.113883.10.20.22.4.140"/>
-      <id slot="id"/><code slot="code"/><statusCode code="active"/><effectiveTime slot="time"/>
+      <id slot="id"/><code slot="code"/>{_REASON_TEXT if has_reason else ""}<statusCode code="active"/>
+      <effectiveTime slot="time"/>
     </act></entry>"""
-)
+    )
+
+
+_E_REFERRAL_ACT = _referral_act_proto(False)
+_E_REFERRAL_ACT_REASON = _referral_act_proto(True)
 # Author Participation 4.119, pointing at the header author by id (CONF:1098-32628).
 _E_REFERRAL_AUTHOR = _Proto(
     """<author><templateId root="2.16.840.1.113883.10.20.22.4.119"/>
       <time slot="time"/><assignedAuthor slot="assigned"/>
     </author>"""
 )
-# The requested service, referred to in the Reason for Referral table.
-_E_REQUESTED_SERVICE = _Proto(
-    f"""<entryRelationship typeCode="SUBJ"><observation classCode="OBS" moodCode="RQO" slot="observation">
+# The REFT participant: the provider the patient is referred to.
+_E_REFERRED_TO = _Proto('<participant typeCode="REFT"><participantRole classCode="PROV" slot="role"/></participant>')
+
+
+def _requested_service_proto(priority: bool) -> _Proto:
+    """The requested service, referred to in the Reason for Referral table (its priority, when known)."""
+    return _Proto(
+        f"""<entryRelationship typeCode="SUBJ"><observation classCode="OBS" moodCode="RQO">
       {_ASSERTION}<text><reference value="#rfr-service"/></text><statusCode code="completed"/>
+      {'<priorityCode slot="priority"/>' if priority else ""}
+      <value xsi:type="CD" slot="value"><originalText><reference value="#rfr-service"/></originalText></value>
     </observation></entryRelationship>"""
-)
-# Indication (V2) 4.19: the coded reason for the referral (text, when there is one, before statusCode).
-_E_INDICATION = _Proto(
-    f"""<entryRelationship typeCode="RSON"><observation classCode="OBS" moodCode="EVN" slot="observation">
+    )
+
+
+_E_REQUESTED_SERVICE = _requested_service_proto(False)
+_E_REQUESTED_SERVICE_PRIORITY = _requested_service_proto(True)
+
+
+def _indication_proto(has_reason: bool) -> _Proto:
+    """Indication (V2) 4.19: the coded reason for the referral; with *has_reason*, pointing at the table."""
+    value = ('<value xsi:type="CD" slot="value"><originalText><reference value="#rfr-reason"/></originalText></value>'
+             if has_reason else '<value xsi:type="CD" slot="value"/>')
+    return _Proto(
+        f"""<entryRelationship typeCode="RSON"><observation classCode="OBS" moodCode="EVN">
       {_tids("2.16.840.1.113883.10.20.22.4.19", "2014-06-09")}
       <id slot="id"/>
       <code code="{CLINICAL_FINDING.code}" codeSystem="{CLINICAL_FINDING.system}"
-            codeSystemName="{CLINICAL_FINDING.system_name}" displayName="{CLINICAL_FINDING.display}"/>
-      <statusCode code="completed" slot="status"/>
+            codeSystemName="{CLINICAL_FINDING.system_name}"
+            displayName="{CLINICAL_FINDING.display}"/>
+      {_REASON_TEXT if has_reason else ""}<statusCode code="completed"/>{value}
     </observation></entryRelationship>"""
-)
+    )
 
-# Problem Concern Act (V3) 4.3 holding one Problem Observation (V3) 4.4.
-_E_PROBLEM = _Proto(
-    f"""<entry typeCode="DRIV"><act classCode="ACT" moodCode="EVN">
+
+_E_INDICATION = _indication_proto(False)
+_E_INDICATION_REASON = _indication_proto(True)
+
+# Coded values an entry always points at its narrative from hold ``originalText/reference`` already
+# (``<slot>_ref``; :meth:`_Builder.cd_attrs` fills the attributes): two SubElements less per value.
+_ORIGINAL_TEXT_REF = '<originalText><reference slot="{}_ref"/></originalText>'
+
+
+def _problem_proto(resolved: bool) -> _Proto:
+    """Problem Concern Act (V3) 4.3 holding one Problem Observation (V3) 4.4, active or resolved.
+
+    A resolved problem's concern is completed, with an unknown end; its observation has an end
+    (unknown) too: ``effectiveTime/high`` with nullFlavor UNK in both.
+    """
+    high = '<high nullFlavor="UNK"/>' if resolved else ""
+    return _Proto(
+        f"""<entry typeCode="DRIV"><act classCode="ACT" moodCode="EVN">
       {_tids("2.16.840.1.113883.10.20.22.4.3", "2015-08-01")}
-      <id slot="concern_id"/>{_CONCERN}<statusCode slot="concern_status"/>
-      <effectiveTime slot="concern_time"><low nullFlavor="UNK"/></effectiveTime>
+      <id slot="concern_id"/>{_CONCERN}<statusCode code="{"completed" if resolved else "active"}"/>
+      <effectiveTime><low nullFlavor="UNK"/>{high}</effectiveTime>
       <entryRelationship typeCode="SUBJ"><observation classCode="OBS" moodCode="EVN">
         {_tids("2.16.840.1.113883.10.20.22.4.4", "2015-08-01")}
         <id slot="id"/>
@@ -501,56 +642,71 @@ _E_PROBLEM = _Proto(
         </code>
         <text><reference slot="ref"/></text>
         <statusCode code="completed"/>
-        <effectiveTime slot="time"/>
-        <value xsi:type="CD" slot="value"/>
+        <effectiveTime><low slot="low"/>{high}</effectiveTime>
+        <value xsi:type="CD" slot="value">{_ORIGINAL_TEXT_REF.format("value")}</value>
       </observation></entryRelationship>
     </act></entry>"""
-)
+    )
 
-# Allergy Concern Act (V3) 4.30 holding one Allergy - Intolerance Observation (V2) 4.7; the
-# allergy type is the generic "Allergy to substance" (the model has no allergy type).
-_E_ALLERGY = _Proto(
-    f"""<entry typeCode="DRIV"><act classCode="ACT" moodCode="EVN">
+
+_E_PROBLEM = _problem_proto(resolved=False)
+_E_PROBLEM_RESOLVED = _problem_proto(resolved=True)
+
+
+def _severity_xml(n: str = "") -> str:
+    """Severity Observation (V2) 4.8, under the reaction (or the allergy when no reaction is known)."""
+    return f"""<entryRelationship typeCode="SUBJ" inversionInd="true"><observation classCode="OBS" moodCode="EVN">
+      {_tids("2.16.840.1.113883.10.20.22.4.8", "2014-06-09")}
+      <code code="SEV" codeSystem="{ACT_CODE}" displayName="Severity Observation"/>
+      <text><reference slot="{n}ref"/></text>
+      <statusCode code="completed"/>
+      <value xsi:type="CD" slot="{n}value">{_ORIGINAL_TEXT_REF.format(n + "value")}</value>
+    </observation></entryRelationship>"""
+
+
+def _reaction_xml(n: str = "", severity: str = "") -> str:
+    """Reaction Observation (V2) 4.9, under the allergy observation (MFST); *severity*: its severity's XML."""
+    return f"""<entryRelationship typeCode="MFST" inversionInd="true"><observation classCode="OBS" moodCode="EVN">
+      {_tids("2.16.840.1.113883.10.20.22.4.9", "2014-06-09")}
+      <id slot="{n}id"/>{_ASSERTION}
+      <text><reference slot="{n}ref"/></text>
+      <statusCode code="completed"/>
+      <value xsi:type="CD" slot="{n}value">{_ORIGINAL_TEXT_REF.format(n + "value")}</value>{severity}
+    </observation></entryRelationship>"""
+
+
+def _allergy_proto(reaction: bool = False, severity: bool = False) -> _Proto:
+    """Allergy Concern Act (V3) 4.30 holding one Allergy - Intolerance Observation (V2) 4.7.
+
+    The allergy type is the generic "Allergy to substance" (the model has no allergy type). With
+    *reaction* / *severity*, the observation holds them too (slots ``reaction_…``, ``severity_…``):
+    the severity under the reaction when both are known.
+    """
+    sev = _severity_xml("severity_") if severity else ""
+    inner = _reaction_xml("reaction_", sev) if reaction else sev
+    return _Proto(
+        f"""<entry typeCode="DRIV"><act classCode="ACT" moodCode="EVN">
       {_tids("2.16.840.1.113883.10.20.22.4.30", "2015-08-01")}
       <id slot="concern_id"/>{_CONCERN}<statusCode code="active"/>
       <effectiveTime><low nullFlavor="UNK"/></effectiveTime>
-      <entryRelationship typeCode="SUBJ"><observation classCode="OBS" moodCode="EVN" slot="observation">
+      <entryRelationship typeCode="SUBJ"><observation classCode="OBS" moodCode="EVN">
         {_tids("2.16.840.1.113883.10.20.22.4.7", "2014-06-09")}
         <id slot="id"/>{_ASSERTION}
         <text><reference slot="ref"/></text>
         <statusCode code="completed"/>
-        <effectiveTime slot="time"/>
+        <effectiveTime><low slot="low"/></effectiveTime>
         <value xsi:type="CD" code="419199007" codeSystem="{OID["SNOMED"]}" codeSystemName="SNOMED CT"
                displayName="Allergy to substance (disorder)"/>
         <participant typeCode="CSM"><participantRole classCode="MANU"><playingEntity classCode="MMAT">
-          <code slot="allergen"/>
-        </playingEntity></participantRole></participant>
+          <code slot="allergen">{_ORIGINAL_TEXT_REF.format("allergen")}</code>
+        </playingEntity></participantRole></participant>{inner}
       </observation></entryRelationship>
     </act></entry>"""
-)
+    )
 
-# Reaction Observation (V2) 4.9, under the allergy observation (MFST).
-_E_REACTION = _Proto(
-    f"""<entryRelationship typeCode="MFST" inversionInd="true"><observation classCode="OBS" moodCode="EVN"
-        slot="observation">
-      {_tids("2.16.840.1.113883.10.20.22.4.9", "2014-06-09")}
-      <id slot="id"/>{_ASSERTION}
-      <text><reference slot="ref"/></text>
-      <statusCode code="completed"/>
-      <value xsi:type="CD" slot="value"/>
-    </observation></entryRelationship>"""
-)
 
-# Severity Observation (V2) 4.8, under the reaction (or the allergy when no reaction is known).
-_E_SEVERITY = _Proto(
-    f"""<entryRelationship typeCode="SUBJ" inversionInd="true"><observation classCode="OBS" moodCode="EVN">
-      {_tids("2.16.840.1.113883.10.20.22.4.8", "2014-06-09")}
-      <code code="SEV" codeSystem="{ACT_CODE}" displayName="Severity Observation"/>
-      <text><reference slot="ref"/></text>
-      <statusCode code="completed"/>
-      <value xsi:type="CD" slot="value"/>
-    </observation></entryRelationship>"""
-)
+# The allergy with what is known of its reaction and severity: (reaction, severity) -> skeleton.
+_E_ALLERGY_FORMS = {(r, v): _allergy_proto(r, v) for r in (False, True) for v in (False, True)}
 
 # Medication Activity (V2) 4.16 with Medication Information (V2) 4.23. A medication list sent with a
 # referral lists what the patient takes now: statusCode active. Dose is not in the model: nullFlavor.
@@ -564,27 +720,56 @@ _E_MEDICATION = _Proto(
       <doseQuantity nullFlavor="UNK"/>
       <consumable><manufacturedProduct classCode="MANU">
         {_tids("2.16.840.1.113883.10.20.22.4.23", "2014-06-09")}
-        <manufacturedMaterial><code slot="drug"/></manufacturedMaterial>
+        <manufacturedMaterial><code slot="drug">{_ORIGINAL_TEXT_REF.format("drug")}</code></manufacturedMaterial>
       </manufacturedProduct></consumable>
     </substanceAdministration></entry>"""
 )
 
-# Result Organizer (V3) 4.1 (CLUSTER: the model has no panel code) and Result Observation (V3) 4.2.
+# Result Organizer (V3) 4.1 (CLUSTER: the model has no panel code); its Result Observations below.
 _E_RESULT_ORGANIZER = _Proto(
     f"""<entry typeCode="DRIV"><organizer classCode="CLUSTER" moodCode="EVN" slot="organizer">
       {_tids("2.16.840.1.113883.10.20.22.4.1", "2015-08-01")}
       <id slot="id"/><code slot="code"/><statusCode code="completed" slot="status"/>
     </organizer></entry>"""
 )
-_E_RESULT = _Proto(
-    f"""<component><observation classCode="OBS" moodCode="EVN" slot="observation">
-      {_tids("2.16.840.1.113883.10.20.22.4.2", "2015-08-01")}
-      <id slot="id"/><code slot="code"/>
-      <text><reference slot="ref"/></text>
-      <statusCode code="completed"/>
-      <effectiveTime slot="time"/>
-    </observation></component>"""
-)
+
+# The Result Observation in each shape its data can give it (value kind, interpretation, reference
+# range kind), with the value, interpretationCode and referenceRange elements in place: one copy
+# instead of up to eight SubElements. Constants and empty placeholders only; made on first use.
+_RESULT_VALUES = {
+    "PQ": '<value xsi:type="PQ" value="" slot="value"/>',
+    "PQ unit": '<value xsi:type="PQ" value="" unit="" slot="value"/>',
+    "CD": '<value xsi:type="CD" slot="value"><originalText><reference slot="value_ref"/></originalText></value>',
+    "ST": '<value xsi:type="ST" slot="value"/>',
+    "UNK": '<value xsi:type="ST" nullFlavor="UNK"/>',
+}
+_RESULT_RANGES = {
+    "": "",
+    "ST": '<value xsi:type="ST" slot="range_value"/>',
+    "IVL": '<value xsi:type="IVL_PQ"><low value="" slot="low"/><high value="" slot="high"/></value>',
+    "IVL unit": ('<value xsi:type="IVL_PQ"><low value="" unit="" slot="low"/>'
+                 '<high value="" unit="" slot="high"/></value>'),
+}
+
+
+def _result_shape(value: str, interpretation: bool, range_kind: str) -> _Proto:
+    """The Result Observation skeleton for one shape (keys of ``_RESULT_VALUES`` / ``_RESULT_RANGES``)."""
+
+    def xml() -> str:
+        interp = f'<interpretationCode code="" codeSystem="{OBSERVATION_INTERPRETATION}" slot="interp"/>'
+        rng = (f'<referenceRange><observationRange><text slot="range_text"/>{_RESULT_RANGES[range_kind]}'
+               "</observationRange></referenceRange>") if range_kind else ""
+        return f"""<component><observation classCode="OBS" moodCode="EVN">
+          {_tids("2.16.840.1.113883.10.20.22.4.2", "2015-08-01")}
+          <id slot="id"/><code slot="code"><originalText><reference slot="code_ref"/></originalText></code>
+          <text><reference slot="ref"/></text>
+          <statusCode code="completed"/>
+          <effectiveTime slot="time"/>
+          {_RESULT_VALUES[value]}{interp if interpretation else ""}{rng}
+        </observation></component>"""
+
+    return _shape(("result", value, interpretation, range_kind), xml)
+
 
 # Coverage Activity (V3) 4.60; Policy Activity (V3) 4.61 with payer performer 4.87 and covered party
 # 4.89. Coverage type (Health Insurance Type, SOPT translation) and the covered party's relationship
@@ -597,16 +782,25 @@ _E_COVERAGE = _Proto(
       <statusCode code="completed"/>
     </act></entry>"""
 )
-_E_POLICY = _Proto(
-    f"""<entryRelationship typeCode="COMP"><sequenceNumber slot="sequence"/>
+
+
+def _policy_proto(named: bool) -> _Proto:
+    """Policy Activity 4.61: the first payer id in place (slot ``payer_id``; more go before ``payer_code``).
+
+    *named*: the payer has a name, in the narrative (the act's text) and as the payer's organisation.
+    """
+    return _Proto(
+        f"""<entryRelationship typeCode="COMP"><sequenceNumber slot="sequence"/>
       <act classCode="ACT" moodCode="EVN" slot="act">
         {_tids("2.16.840.1.113883.10.20.22.4.61", "2015-08-01")}
         <id slot="id"/>
-        <code nullFlavor="UNK" slot="code"><translation nullFlavor="NI"/></code>
+        <code nullFlavor="UNK"><translation nullFlavor="NI"/></code>
+        {'<text><reference slot="name_ref"/></text>' if named else ""}
         <statusCode code="completed"/>
         <performer typeCode="PRF"><templateId root="2.16.840.1.113883.10.20.22.4.87"/>
-          <assignedEntity slot="payer">
+          <assignedEntity><id slot="payer_id"/>
             <code code="PAYOR" codeSystem="{ROLE_CLASS}" displayName="payor" slot="payer_code"/>
+            {'<representedOrganization><name slot="payer_name"/></representedOrganization>' if named else ""}
           </assignedEntity>
         </performer>
         <participant typeCode="COV"><templateId root="2.16.840.1.113883.10.20.22.4.89"/>
@@ -614,22 +808,91 @@ _E_POLICY = _Proto(
         </participant>
       </act>
     </entryRelationship>"""
-)
-# The plan the policy belongs to (the "Health Plan Name" form of the Policy Activity's REFR).
-_E_PLAN = _Proto(
-    """<entryRelationship typeCode="REFR"><act classCode="ACT" moodCode="DEF" slot="act">
-      <id slot="id"/><code nullFlavor="UNK" slot="code"/><statusCode code="active"/>
+    )
+
+
+_E_POLICY = _policy_proto(False)
+_E_POLICY_NAMED = _policy_proto(True)
+
+
+def _plan_proto(named: bool) -> _Proto:
+    """The plan the policy belongs to (the "Health Plan Name" form of the Policy Activity's REFR)."""
+    text = '<text><reference slot="ref"/></text>' if named else ""
+    return _Proto(
+        f"""<entryRelationship typeCode="REFR"><act classCode="ACT" moodCode="DEF">
+      <id slot="id"/><code nullFlavor="UNK"/>{text}<statusCode code="active"/>
     </act></entryRelationship>"""
-)
-# Authorization Activity 2.16.840.1.113883.10.20.1.19 (id = authorization number) and what it promises.
-_E_AUTHORIZATION = _Proto(
-    """<entryRelationship typeCode="REFR"><act classCode="ACT" moodCode="EVN" slot="act">
+    )
+
+
+_E_PLAN = _plan_proto(False)
+_E_PLAN_NAMED = _plan_proto(True)
+
+
+def _authorization_xml(number: bool = False, visits: bool = False, low: bool = False, high: bool = False) -> str:
+    """Authorization Activity 2.16.840.1.113883.10.20.1.19 (id = authorization number) and what it promises.
+
+    Each flag: that part is known (the number in the narrative, the visits as text, the period's ends).
+    """
+    ends = ('<low slot="low"/>' if low else "") + ('<high slot="high"/>' if high else "")
+    period = f"<effectiveTime>{ends}</effectiveTime>" if ends else ""
+    text = '<text><reference slot="ref"/></text>' if number else ""
+    visits_text = '<text slot="visits"/>' if visits else ""
+    return f"""<entryRelationship typeCode="REFR"><act classCode="ACT" moodCode="EVN">
       <templateId root="2.16.840.1.113883.10.20.1.19"/>
-      <id slot="id"/><code nullFlavor="NA" slot="code"/>
-      <entryRelationship typeCode="SUBJ"><act classCode="ACT" moodCode="PRMS"><code slot="service"/></act>
-      </entryRelationship>
+      <id slot="id"/><code nullFlavor="NA"/>{text}
+      <entryRelationship typeCode="SUBJ"><act classCode="ACT" moodCode="PRMS">
+        <code slot="service"/>{visits_text}{period}
+      </act></entryRelationship>
     </act></entryRelationship>"""
-)
+
+
+# Names with at most this many given names (addresses have at most 4 lines) are copied from skeletons.
+_MAX_SHAPE_PARTS = 4
+_GIVEN_SLOTS = tuple(f"given{i}" for i in range(_MAX_SHAPE_PARTS))
+_LINE_SLOTS = tuple(f"line{i}" for i in range(4))
+_UNK = ' nullFlavor="UNK"'
+
+
+def _name_xml(tag: str, prefix: bool, givens: int, family: bool, suffix: bool) -> str:
+    """A name skeleton (see :meth:`_Builder.name`): the parts that have text get a slot."""
+    parts = ['<prefix slot="prefix"/>' if prefix else ""]
+    parts += [f'<given slot="{_GIVEN_SLOTS[i]}"/>' for i in range(givens)] or [f"<given{_UNK}/>"]
+    parts.append('<family slot="family"/>' if family else f"<family{_UNK}/>")
+    parts.append('<suffix slot="suffix"/>' if suffix else "")
+    return f'<{tag} slot="name">{"".join(parts)}</{tag}>'
+
+
+# Elements that hold a name or an organisation's name/desc in the header and the Referral Act:
+# (tag, attributes) as _el takes them, and the same as XML for skeletons.
+_WRAPPERS: dict[str, tuple[str, dict[str, str] | None]] = {
+    "assignedPerson": ("assignedPerson", None),
+    "informationRecipient": ("informationRecipient", None),
+    "associatedPerson": ("associatedPerson", None),
+    "guardianPerson": ("guardianPerson", None),
+    "playingEntity": ("playingEntity", {"classCode": "PSN"}),
+}
+
+
+def _wrap(wrapper: str, xml: str) -> str:
+    """*xml* inside the ``_WRAPPERS`` element *wrapper* ("" for none)."""
+    if not wrapper:
+        return xml
+    tag, attrib = _WRAPPERS[wrapper]
+    attrs = "".join(f' {k}="{v}"' for k, v in (attrib or {}).items())
+    return f"<{tag}{attrs}>{xml}</{tag}>"
+
+
+def _addr_xml(use: str, lines: int, city: bool, state: str, postal: str, country: bool) -> str:
+    """An address skeleton (see :meth:`_Builder.addr`)."""
+    parts = [f'<streetAddressLine slot="{_LINE_SLOTS[i]}"/>' for i in range(lines)] or [
+        f"<streetAddressLine{_UNK}/>"]
+    parts.append('<city slot="city"/>' if city else f"<city{_UNK}/>")
+    parts.append({"v": '<state slot="state"/>', "unk": f"<state{_UNK}/>", "": ""}[state])
+    parts.append({"v": '<postalCode slot="postal"/>', "unk": f"<postalCode{_UNK}/>", "": ""}[postal])
+    parts.append('<country slot="country"/>' if country else "")
+    use_attr = f' use="{use}"' if use else ""
+    return f"<addr{use_attr}>{''.join(parts)}</addr>"
 
 
 # --- the builder ---------------------------------------------------------------------------------
@@ -654,8 +917,15 @@ class _Builder:
         """A stable entry id: UUIDv5 of the document id and *key*."""
         return {"root": uuid5(self._ns, key)}
 
+    def set_uid(self, el: etree._Element, key: str) -> None:
+        """``el.attrib.update(self.uid(key))``, without the dict and the attrib proxy."""
+        el.set("root", uuid5(self._ns, key))
+
     def fill_ii(self, el: etree._Element, ident: Identifier) -> etree._Element:
-        el.attrib.update(ii_attrs(ident, self.o.local_root) if ident else {"nullFlavor": "UNK"})
+        if ident:
+            _set_attrs(el, ii_attrs(ident, self.o.local_root))
+        else:
+            el.set("nullFlavor", "UNK")
         return el
 
     def ii(self, parent: etree._Element, ident: Identifier, tag: str = "id") -> etree._Element:
@@ -670,7 +940,7 @@ class _Builder:
 
     def fill_ts(self, el: etree._Element, value: str, min_len: int = 0) -> etree._Element:
         v = ts_value(value)
-        if v and len(_TS_RE.match(v).group(1)) >= min_len:
+        if v and (not min_len or len(_TS_RE.match(v).group(1)) >= min_len):
             el.set("value", v)
         else:
             el.set("nullFlavor", "UNK")
@@ -683,8 +953,20 @@ class _Builder:
         self, el: etree._Element, code: Code, default_system: str = "", ref: str = "", null: str = "UNK"
     ) -> etree._Element:
         """A coded value (CD/CE): code and system when coded, else a nullFlavor with the original text."""
-        value = token(code.code)
-        text = code.original_text
+        text = self.cd_attrs(el, code, default_system, bool(ref), null)
+        if ref:
+            nv.reference(_el(el, "originalText"), ref)
+        elif text:
+            _text_el(el, "originalText", text)
+        return el
+
+    @staticmethod
+    def cd_attrs(el: etree._Element, code: Code, default_system: str = "", ref: bool = False, null: str = "UNK") -> str:
+        """The attributes :meth:`fill_cd` sets; returns the text its ``originalText`` would carry without *ref*.
+
+        For skeletons that hold ``originalText/reference`` already (the reference's value is the caller's).
+        """
+        value = token(code.code) if code.code else ""
         if value:
             el.set("code", value)
             # A system given by name ("ICD10CM") becomes its OID; an unknown name stays a name only.
@@ -693,19 +975,16 @@ class _Builder:
                 el.set("codeSystem", system)
             name = code.system_name or ("" if system or not code.system else code.system)
             if name:
-                el.set("codeSystemName", nv.clean(name))
-            if code.display:
-                el.set("displayName", nv.clean(code.display))
-        else:
-            # Known only as text: "other" (not in a code system); nothing at all: the caller's flavor.
-            # A "code" with spaces cannot be a code: it is kept as text.
-            text = text or code.display or code.code
-            el.set("nullFlavor", "OTH" if (text or ref) else null)
-        if ref:
-            nv.reference(_el(el, "originalText"), ref)
-        elif text:
-            _text_el(el, "originalText", text)
-        return el
+                el.set("codeSystemName", name if name.isprintable() else nv.clean(name))
+            display = code.display
+            if display:
+                el.set("displayName", display if display.isprintable() else nv.clean(display))
+            return code.original_text
+        # Known only as text: "other" (not in a code system); nothing at all: the caller's flavor.
+        # A "code" with spaces cannot be a code: it is kept as text.
+        text = code.original_text or code.display or code.code
+        el.set("nullFlavor", "OTH" if (text or ref) else null)
+        return text
 
     def cd(
         self, parent: etree._Element, tag: str, code: Code, default_system: str = "", ref: str = "", xsi_type: str = ""
@@ -716,10 +995,36 @@ class _Builder:
         """A US Realm name: both ``given`` and ``family`` (nullFlavor for the missing one), or nullFlavor."""
         if not name:
             return _el(parent, tag, {"nullFlavor": "UNK"})
+        return self._name_in(parent, name, tag, "")
+
+    def _name_in(self, parent: etree._Element, name: Name, tag: str, wrapper: str) -> etree._Element:
+        """:meth:`name`, inside a new ``wrapper`` element (``_WRAPPERS``) when one is given; returns the name."""
+        if not name:
+            return _shape(("name", tag, wrapper), lambda: _wrap(wrapper, f"<{tag}{_UNK} slot=\"name\"/>")).add(
+                parent)["name"]
+        givens = [g for g in name.given if g]
+        if len(givens) > _MAX_SHAPE_PARTS:
+            return self._name_elements(_el(parent, *_WRAPPERS[wrapper]) if wrapper else parent, name, tag, givens)
+        prefix, family, suffix = name.prefix, name.family, name.suffix
+        key = ("name", tag, wrapper, bool(prefix), len(givens), bool(family), bool(suffix))
+        s = _shape(key, lambda: _wrap(wrapper, _name_xml(tag, bool(prefix), len(givens), bool(family), bool(suffix))))
+        s = s.add(parent)
+        if prefix:
+            s["prefix"].text = nv.clean(prefix)
+        for i, g in enumerate(givens):
+            s[_GIVEN_SLOTS[i]].text = nv.clean(g)
+        if family:
+            s["family"].text = nv.clean(family)
+        if suffix:
+            s["suffix"].text = nv.clean(suffix)
+        return s["name"]
+
+    @staticmethod
+    def _name_elements(parent: etree._Element, name: Name, tag: str, givens: list[str]) -> etree._Element:
+        """:meth:`name` one element at a time (names with more given names than the skeletons hold)."""
         el = _el(parent, tag)
         if name.prefix:
             _text_el(el, "prefix", name.prefix)
-        givens = [g for g in name.given if g]
         for g in givens:
             _text_el(el, "given", g)
         if not givens:
@@ -739,27 +1044,24 @@ class _Builder:
             _el(parent, "addr", {"nullFlavor": "UNK"})
             return
         for a in known[:1] if exactly_one else known:
-            el = _el(parent, "addr", {"use": a.use} if a.use in _ADDR_USES else None)
+            use = a.use if a.use in _ADDR_USES else ""
             lines = [line for line in a.lines if line][:4]
-            for line in lines:
-                _text_el(el, "streetAddressLine", line)
-            if not lines:
-                _el(el, "streetAddressLine", {"nullFlavor": "UNK"})
-            if a.city:
-                _text_el(el, "city", a.city)
-            else:
-                _el(el, "city", {"nullFlavor": "UNK"})
             us = a.country in ("", "US", "USA")
+            # Each part: "v" has a value, "unk" is nullFlavor UNK, "" is left out.
+            state = "v" if a.state else "unk" if us else ""
+            postal = "v" if a.postal_code else "unk" if us else ""
+            key = ("addr", use, len(lines), bool(a.city), state, postal, bool(a.country))
+            s = _shape(key, lambda: _addr_xml(*key[1:])).add(parent)
+            for i, line in enumerate(lines):
+                s[_LINE_SLOTS[i]].text = nv.clean(line)
+            if a.city:
+                s["city"].text = nv.clean(a.city)
             if a.state:
-                _text_el(el, "state", a.state)
-            elif us:
-                _el(el, "state", {"nullFlavor": "UNK"})
+                s["state"].text = nv.clean(a.state)
             if a.postal_code:
-                _text_el(el, "postalCode", a.postal_code)
-            elif us:
-                _el(el, "postalCode", {"nullFlavor": "UNK"})
+                s["postal"].text = nv.clean(a.postal_code)
             if a.country:
-                _text_el(el, "country", a.country)
+                s["country"].text = nv.clean(a.country)
 
     def telecom(
         self, parent: etree._Element, tels: list[Telecom], exactly_one: bool = False, required: bool = True
@@ -781,12 +1083,14 @@ class _Builder:
         r = self.r
         head = _DOCUMENT.new()
         doc = head[""]
-        head["id"].attrib.update(self.doc_id)
+        _set_attrs(head["id"], self.doc_id)
         head["title"].text = nv.clean(self.o.title)
         self.fill_ts(head["time"], r.created, min_len=8)
-        head["confidentiality"].attrib.update({"code": self.o.confidentiality, "codeSystem": OID["CONFIDENTIALITY"]})
+        confidentiality = head["confidentiality"]
+        confidentiality.set("code", self.o.confidentiality)
+        confidentiality.set("codeSystem", OID["CONFIDENTIALITY"])
         head["language"].set("code", self.o.language)
-        head["set_id"].attrib.update(self.doc_id)
+        _set_attrs(head["set_id"], self.doc_id)
         self.record_target(doc, r.patient)
         self.author(doc, r.referring)
         self.custodian(doc, r.custodian)
@@ -794,7 +1098,7 @@ class _Builder:
         self.callback(doc, r.referring)
         if self.vet and r.patient.owner is not None:
             self.owner(doc, r.patient.owner)
-        body = _el(_el(doc, "component"), "structuredBody")
+        body = _W_BODY.add(doc)["body"]
         self.reason_section(body)
         self.problems_section(body, r.problems)
         self.allergies_section(body, r.allergies)
@@ -808,7 +1112,7 @@ class _Builder:
     # header
 
     def record_target(self, doc: etree._Element, p: Patient) -> None:
-        role = _el(_el(doc, "recordTarget"), "patientRole")
+        role = _W_RECORD_TARGET.add(doc)["role"]
         self.ids(role, p.ids)
         owner = p.owner if self.vet else None
         # An animal lives with its owner: the owner's address and phone reach it.
@@ -847,7 +1151,7 @@ class _Builder:
             if any(owner.addr):
                 self.addr(guardian, owner.addr)
             self.telecom(guardian, _party_telecoms(owner), required=False)
-            self.name(_el(guardian, "guardianPerson"), owner.name)
+            self._name_in(guardian, owner.name, "name", "guardianPerson")
         if token(p.language):
             lc = _el(pt, "languageCommunication")
             _el(lc, "languageCode", {"code": token(p.language)})
@@ -863,20 +1167,20 @@ class _Builder:
         return "; ".join(parts)
 
     def author(self, doc: etree._Element, ref: Party) -> None:
-        au = _el(doc, "author")
-        self.ts(au, "time", self.r.created, min_len=8)
-        aa = _el(au, "assignedAuthor")
+        s = _W_AUTHOR.add(doc)
+        self.fill_ts(s["time"], self.r.created, min_len=8)
+        aa = s["assigned"]
         self.ids(aa, ref.ids)
         if ref.specialty.code:
             self.cd(aa, "code", ref.specialty, OID["NUCC"])
         self.addr(aa, ref.addr)
         self.telecom(aa, _party_telecoms(ref))
-        self.name(_el(aa, "assignedPerson"), ref.name)
+        self._name_in(aa, ref.name, "name", "assignedPerson")
         if ref.organization:
-            _text_el(_el(aa, "representedOrganization"), "name", ref.organization)
+            _org_text(aa, "representedOrganization", ref.organization)
 
     def custodian(self, doc: etree._Element, c: Party) -> None:
-        org = _el(_el(_el(doc, "custodian"), "assignedCustodian"), "representedCustodianOrganization")
+        org = _W_CUSTODIAN.add(doc)["org"]
         self.ids(org, c.ids)
         label = c.organization or _name_text(c.name)
         if label:
@@ -887,63 +1191,74 @@ class _Builder:
         self.addr(org, c.addr, exactly_one=True)
 
     def information_recipient(self, doc: etree._Element, rec: Party) -> None:
-        ir = _el(_el(doc, "informationRecipient"), "intendedRecipient")
+        ir = _W_INFORMATION_RECIPIENT.add(doc)["recipient"]
         self.ids(ir, rec.ids, required=False)
         if any(rec.addr):
             self.addr(ir, rec.addr)
         self.telecom(ir, _party_telecoms(rec), required=False)
-        self.name(_el(ir, "informationRecipient"), rec.name)
+        self._name_in(ir, rec.name, "name", "informationRecipient")
         if rec.organization:
-            _text_el(_el(ir, "receivedOrganization"), "name", rec.organization)
+            _org_text(ir, "receivedOrganization", rec.organization)
 
     def callback(self, doc: etree._Element, ref: Party) -> None:
         """The referring provider as the call-back contact (only when something about them is known)."""
         if not (any(ref.ids) or ref.name or any(ref.telecom) or ref.direct_address):
             return
-        ae = _el(_el(doc, "participant", {"typeCode": "CALLBCK"}), "associatedEntity", {"classCode": "ASSIGNED"})
+        ae = _W_CALLBACK.add(doc)["entity"]
         self.ids(ae, ref.ids)
         if ref.specialty.code:
             self.cd(ae, "code", ref.specialty, OID["NUCC"])
         if any(ref.addr):
             self.addr(ae, ref.addr)
         self.telecom(ae, _party_telecoms(ref))
-        self.name(_el(ae, "associatedPerson"), ref.name)
+        self._name_in(ae, ref.name, "name", "associatedPerson")
         if ref.organization:
-            _text_el(_el(ae, "scopingOrganization"), "name", ref.organization)
+            _org_text(ae, "scopingOrganization", ref.organization)
 
     def owner(self, doc: etree._Element, owner: Party) -> None:
         """An animal's owner: participant IND, classCode PRS (personal relationship, INDRoleclassCodes)."""
-        ae = _el(_el(doc, "participant", {"typeCode": "IND"}), "associatedEntity", {"classCode": "PRS"})
+        ae = _W_OWNER.add(doc)["entity"]
         self.ids(ae, owner.ids, required=False)
         if owner.relationship.code:
             self.cd(ae, "code", owner.relationship, OID["HL70063"])
         if any(owner.addr):
             self.addr(ae, owner.addr)
         self.telecom(ae, _party_telecoms(owner), required=False)
-        self.name(_el(ae, "associatedPerson"), owner.name)
+        self._name_in(ae, owner.name, "name", "associatedPerson")
         if owner.organization:
-            _text_el(_el(ae, "scopingOrganization"), "name", owner.organization)
+            _org_text(ae, "scopingOrganization", owner.organization)
 
     # sections
 
     @staticmethod
     def section(body: etree._Element, proto: _Proto, has_data: bool) -> etree._Element:
         """A section from its skeleton; without data, the "No information" form (NI, no entries)."""
+        if not has_data and proto.empty is not None:
+            return proto.empty.add(body)["section"]  # the same, made once
         sec = proto.add(body)["section"]
         if not has_data:
             sec.set("nullFlavor", "NI")
             nv.no_information(sec)
         return sec
 
+    @staticmethod
+    def section_text(body: etree._Element, proto: _Proto) -> tuple[etree._Element, etree._Element]:
+        """A section with data and its (empty) narrative block: ``section(body, proto, True)`` + ``nv.text_block``."""
+        if proto.with_text is not None:
+            s = proto.with_text.add(body)
+            return s["section"], s["text"]
+        sec = proto.add(body)["section"]
+        return sec, nv.text_block(sec)
+
     def reason_section(self, body: etree._Element) -> None:
         r = self.r
         p = r.patient
         vet_rows = self.vet and bool(p.species or p.breed or p.owner is not None)
         has_referral = bool(r.reason or r.reason_text or r.requested_service or r.referral_id)
-        sec = self.section(body, _S_REASON, has_referral or vet_rows)
         if not (has_referral or vet_rows):
+            self.section(body, _S_REASON, False)
             return
-        text = nv.text_block(sec)
+        sec, text = self.section_text(body, _S_REASON)
         rows: list[list[nv.Cell | str]] = []
         coded = _code_phrase(r.reason)
         if r.reason_text and r.reason_text.strip().lower() == _code_text(r.reason).strip().lower():
@@ -1006,12 +1321,10 @@ class _Builder:
     def referral_act(self, section: etree._Element, has_reason: bool, has_service: bool) -> None:
         """Referral Act 4.140: the closed-loop key (``id`` = ``referral.referral_id``)."""
         r = self.r
-        s = _E_REFERRAL_ACT.add(section)
+        s = (_E_REFERRAL_ACT_REASON if has_reason else _E_REFERRAL_ACT).add(section)
         act = s["act"]
         self.fill_ii(s["id"], r.referral_id)
         self.fill_cd(s["code"], r.referral_type if r.referral_type else DEFAULT_REFERRAL_TYPE, OID["SNOMED"])
-        if has_reason:
-            s["code"].addnext(_reference_text("rfr-reason"))
         self.fill_ts(s["time"], r.created)
         if r.priority:
             self.cd(act, "priorityCode", r.priority, OID["ACT_PRIORITY"])
@@ -1021,26 +1334,26 @@ class _Builder:
             self.ids(au["assigned"], r.referring.ids)
         rec = r.recipient
         if any(rec.ids) or rec.name or rec.organization:
-            role = _el(_el(act, "participant", {"typeCode": "REFT"}), "participantRole", {"classCode": "PROV"})
+            role = _E_REFERRED_TO.add(act)["role"]
             self.ids(role, rec.ids)
             if any(rec.addr):
                 self.addr(role, rec.addr)
             self.telecom(role, _party_telecoms(rec), required=False)
-            self.name(_el(role, "playingEntity", {"classCode": "PSN"}), rec.name)
+            self._name_in(role, rec.name, "name", "playingEntity")
             if rec.organization:
-                _text_el(_el(role, "scopingEntity"), "desc", rec.organization)
+                _org_text(role, "scopingEntity", rec.organization)
         if has_service:
-            obs = _E_REQUESTED_SERVICE.add(act)["observation"]
+            service = (_E_REQUESTED_SERVICE_PRIORITY if r.priority else _E_REQUESTED_SERVICE).add(act)
             if r.priority:
-                self.cd(obs, "priorityCode", r.priority, OID["ACT_PRIORITY"])
-            self.cd(obs, "value", r.requested_service, ref="rfr-service", xsi_type="CD")
+                self.fill_cd(service["priority"], r.priority, OID["ACT_PRIORITY"])
+            self.cd_attrs(service["value"], r.requested_service, "", True)  # its reference: #rfr-service
         if r.reason:
-            ind = _E_INDICATION.add(act)
-            obs = ind["observation"]
-            ind["id"].attrib.update(self.uid("referral-indication"))
+            ind = (_E_INDICATION_REASON if has_reason else _E_INDICATION).add(act)
+            self.set_uid(ind["id"], "referral-indication")
             if has_reason:
-                ind["status"].addprevious(_reference_text("rfr-reason"))
-            self.cd(obs, "value", r.reason, ref="rfr-reason" if has_reason else "", xsi_type="CD")
+                self.cd_attrs(ind["value"], r.reason, "", True)  # its reference: #rfr-reason
+            else:
+                self.fill_cd(ind["value"], r.reason)
 
     def interval(self, et: etree._Element, low: str, ended: bool = False, high: str = "") -> None:
         """Fill ``effectiveTime`` with ``low`` (nullFlavor when unknown) and, when *ended*, ``high``."""
@@ -1050,31 +1363,30 @@ class _Builder:
 
     def problems_section(self, body: etree._Element, problems: list[Problem]) -> None:
         problems = [p for p in problems if p.code]
-        sec = self.section(body, _S_PROBLEMS, bool(problems))
         if not problems:
+            self.section(body, _S_PROBLEMS, False)
             return
         rows = [
             [nv.Cell(_code_text(p.code), f"prob-{i}"), _code_label(p.code), human_ts(p.onset), p.status]
             for i, p in enumerate(problems, 1)
         ]
-        nv.table(nv.text_block(sec), _T_PROBLEMS, rows)
+        sec, text = self.section_text(body, _S_PROBLEMS)
+        nv.table(text, _T_PROBLEMS, rows)
         for i, p in enumerate(problems, 1):
             ref = f"prob-{i}"
             resolved = p.status.lower() not in ("", "active")
-            s = _E_PROBLEM.add(sec)
-            s["concern_id"].attrib.update(self.uid(f"problem-{i}"))
-            s["concern_status"].set("code", "completed" if resolved else "active")
-            if resolved:
-                _el(s["concern_time"], "high", {"nullFlavor": "UNK"})
-            s["id"].attrib.update(self.uid(f"problem-{i}-observation"))
+            s = (_E_PROBLEM_RESOLVED if resolved else _E_PROBLEM).add(sec)
+            self.set_uid(s["concern_id"], f"problem-{i}")
+            self.set_uid(s["id"], f"problem-{i}-observation")
             s["ref"].set("value", "#" + ref)
-            self.interval(s["time"], p.onset, resolved)
-            self.fill_cd(s["value"], p.code, ref=ref)
+            self.fill_ts(s["low"], p.onset)  # the interval's low; a resolved problem's high is in the skeleton
+            self.cd_attrs(s["value"], p.code, "", True)
+            s["value_ref"].set("value", "#" + ref)
 
     def allergies_section(self, body: etree._Element, allergies: list[Allergy]) -> None:
         allergies = [a for a in allergies if a.allergen]
-        sec = self.section(body, _S_ALLERGIES, bool(allergies))
         if not allergies:
+            self.section(body, _S_ALLERGIES, False)
             return
         rows = [
             [
@@ -1085,31 +1397,31 @@ class _Builder:
             ]
             for i, a in enumerate(allergies, 1)
         ]
-        nv.table(nv.text_block(sec), _T_ALLERGIES, rows)
+        sec, text = self.section_text(body, _S_ALLERGIES)
+        nv.table(text, _T_ALLERGIES, rows)
         for i, a in enumerate(allergies, 1):
             ref = f"alg-{i}"
-            s = _E_ALLERGY.add(sec)
-            s["concern_id"].attrib.update(self.uid(f"allergy-{i}"))
-            s["id"].attrib.update(self.uid(f"allergy-{i}-observation"))
+            s = _E_ALLERGY_FORMS[bool(a.reaction), bool(a.severity)].add(sec)
+            self.set_uid(s["concern_id"], f"allergy-{i}")
+            self.set_uid(s["id"], f"allergy-{i}-observation")
             s["ref"].set("value", "#" + ref)
-            self.interval(s["time"], a.onset)
-            self.fill_cd(s["allergen"], a.allergen, ref=ref)
-            target = s["observation"]
+            self.fill_ts(s["low"], a.onset)
+            self.cd_attrs(s["allergen"], a.allergen, "", True)
+            s["allergen_ref"].set("value", "#" + ref)
             if a.reaction:
-                rx = _E_REACTION.add(target)
-                rx["id"].attrib.update(self.uid(f"allergy-{i}-reaction"))
-                rx["ref"].set("value", f"#{ref}-reaction")
-                self.fill_cd(rx["value"], a.reaction, OID["SNOMED"], ref=f"{ref}-reaction")
-                target = rx["observation"]
+                self.set_uid(s["reaction_id"], f"allergy-{i}-reaction")
+                s["reaction_ref"].set("value", f"#{ref}-reaction")
+                self.cd_attrs(s["reaction_value"], a.reaction, OID["SNOMED"], True)
+                s["reaction_value_ref"].set("value", f"#{ref}-reaction")
             if a.severity:
-                sev = _E_SEVERITY.add(target)
-                sev["ref"].set("value", f"#{ref}-severity")
-                self.fill_cd(sev["value"], a.severity, OID["SNOMED"], ref=f"{ref}-severity")
+                s["severity_ref"].set("value", f"#{ref}-severity")
+                self.cd_attrs(s["severity_value"], a.severity, OID["SNOMED"], True)
+                s["severity_value_ref"].set("value", f"#{ref}-severity")
 
     def medications_section(self, body: etree._Element, medications: list[Medication]) -> None:
         meds = [m for m in medications if m.drug]
-        sec = self.section(body, _S_MEDICATIONS, bool(meds))
         if not meds:
+            self.section(body, _S_MEDICATIONS, False)
             return
         rows = [
             [
@@ -1120,18 +1432,20 @@ class _Builder:
             ]
             for i, m in enumerate(meds, 1)
         ]
-        nv.table(nv.text_block(sec), _T_MEDICATIONS, rows)
+        sec, text = self.section_text(body, _S_MEDICATIONS)
+        nv.table(text, _T_MEDICATIONS, rows)
         for i, m in enumerate(meds, 1):
             s = _E_MEDICATION.add(sec)
-            s["id"].attrib.update(self.uid(f"medication-{i}"))
+            self.set_uid(s["id"], f"medication-{i}")
             s["ref"].set("value", f"#med-{i}" if m.instructions else f"#med-{i}-name")
             self.fill_ts(s["start"], m.start)
-            self.fill_cd(s["drug"], m.drug, OID["RXNORM"], ref=f"med-{i}-name")
+            self.cd_attrs(s["drug"], m.drug, OID["RXNORM"], True)
+            s["drug_ref"].set("value", f"#med-{i}-name")
 
     def results_section(self, body: etree._Element, results: list[Result]) -> None:
         results = [x for x in results if x.code]
-        sec = self.section(body, _S_RESULTS, bool(results))
         if not results:
+            self.section(body, _S_RESULTS, False)
             return
         rows = [
             [
@@ -1143,7 +1457,8 @@ class _Builder:
             ]
             for i, x in enumerate(results, 1)
         ]
-        nv.table(nv.text_block(sec), _T_RESULTS, rows)
+        sec, text = self.section_text(body, _S_RESULTS)
+        nv.table(text, _T_RESULTS, rows)
         # One organizer per result time. The model has no panel (OBR-4): a lone result's organizer
         # takes its code, several are an uncoded CLUSTER.
         by_time: dict[str, list[tuple[int, Result]]] = {}
@@ -1151,7 +1466,7 @@ class _Builder:
             by_time.setdefault(x.effective_time, []).append((i, x))
         for n, (when, group) in enumerate(by_time.items(), 1):
             s = _E_RESULT_ORGANIZER.add(sec)
-            s["id"].attrib.update(self.uid(f"result-organizer-{n}"))
+            self.set_uid(s["id"], f"result-organizer-{n}")
             if len(group) == 1:
                 self.fill_cd(s["code"], group[0][1].code, OID["LOINC"])
             else:
@@ -1164,52 +1479,66 @@ class _Builder:
                 self.result_observation(s["organizer"], i, x)
 
     def result_observation(self, organizer: etree._Element, i: int, x: Result) -> None:
-        s = _E_RESULT.add(organizer)
-        obs = s["observation"]
-        s["id"].attrib.update(self.uid(f"result-{i}"))
-        self.fill_cd(s["code"], x.code, OID["LOINC"], ref=f"res-{i}")
-        s["ref"].set("value", f"#res-{i}")
-        self.fill_ts(s["time"], x.effective_time)
         value = x.value.strip()
         unit = "".join(x.unit.split())  # UCUM has no spaces: "mg / dL" is "mg/dL"
         if x.value_type == "PQ" and _NUMBER_RE.match(value):
-            attrs = {XSI_TYPE: "PQ", "value": value}
-            if unit:
-                attrs["unit"] = nv.clean(unit)
-            _el(obs, "value", attrs)
+            kind = "PQ unit" if unit else "PQ"
         elif x.value_type == "CD" and x.coded_value:
-            self.cd(obs, "value", x.coded_value, OID["SNOMED"], ref=f"res-{i}-value", xsi_type="CD")
-        elif value:
-            # Text, or a "numeric" value that is not a number ("<5", "positive"): kept as sent, with its unit.
-            text = f"{value} {x.unit.strip()}" if x.value_type == "PQ" and x.unit.strip() else value
-            _text_el(obs, "value", text).set(XSI_TYPE, "ST")
+            kind = "CD"
         else:
-            _el(obs, "value", {XSI_TYPE: "ST", "nullFlavor": "UNK"})
-        if token(x.interpretation):
-            interpretation = {"code": token(x.interpretation), "codeSystem": OBSERVATION_INTERPRETATION}
-            _el(obs, "interpretationCode", interpretation)
-        if x.reference_range:
-            rng = _el(_el(obs, "referenceRange"), "observationRange")
-            _text_el(rng, "text", x.reference_range)
-            m = _RANGE_RE.match(x.reference_range)
-            if x.value_type == "PQ" and m:
-                ivl = _el(rng, "value", {XSI_TYPE: "IVL_PQ"})
-                unit_attr = {"unit": nv.clean(unit)} if unit else {}
-                _el(ivl, "low", {"value": m.group(1), **unit_attr})
-                _el(ivl, "high", {"value": m.group(2), **unit_attr})
+            # Text, or a "numeric" value that is not a number ("<5", "positive"): kept as sent, with its unit.
+            kind = "ST" if value else "UNK"
+        interpretation = token(x.interpretation)
+        reference_range = x.reference_range
+        range_kind = ""
+        m = None
+        if reference_range:
+            m = _RANGE_RE.match(reference_range)
+            range_kind = ("IVL unit" if unit else "IVL") if x.value_type == "PQ" and m else "ST"
+        s = _result_shape(kind, bool(interpretation), range_kind).add(organizer)
+        ref = f"res-{i}"
+        self.set_uid(s["id"], f"result-{i}")
+        self.cd_attrs(s["code"], x.code, OID["LOINC"], True)
+        s["code_ref"].set("value", "#" + ref)
+        s["ref"].set("value", "#" + ref)
+        self.fill_ts(s["time"], x.effective_time)
+        if kind == "PQ" or kind == "PQ unit":
+            v = s["value"]
+            v.set("value", value)
+            if unit:
+                v.set("unit", nv.clean(unit))
+        elif kind == "CD":
+            self.cd_attrs(s["value"], x.coded_value, OID["SNOMED"], True)
+            s["value_ref"].set("value", f"#{ref}-value")
+        elif kind == "ST":
+            unit_text = x.unit.strip() if x.value_type == "PQ" else ""
+            s["value"].text = nv.clean(f"{value} {unit_text}" if unit_text else value)
+        if interpretation:
+            s["interp"].set("code", interpretation)
+        if range_kind:
+            s["range_text"].text = nv.clean(reference_range)
+            if range_kind == "ST":
+                s["range_value"].text = nv.clean(reference_range)
             else:
-                _text_el(rng, "value", x.reference_range).set(XSI_TYPE, "ST")
+                low, high = s["low"], s["high"]
+                low.set("value", m.group(1))
+                high.set("value", m.group(2))
+                if unit:
+                    unit = nv.clean(unit)
+                    low.set("unit", unit)
+                    high.set("unit", unit)
 
     def plan_section(self, body: etree._Element, plan: list[str]) -> None:
         items = [x for x in (nv.clean(p).strip() for p in plan) if x]
-        sec = self.section(body, _S_PLAN, bool(items))
-        if items:
-            nv.item_list(nv.text_block(sec), [nv.Cell(x, f"pln-{i}") for i, x in enumerate(items, 1)])
+        if not items:
+            self.section(body, _S_PLAN, False)
+            return
+        nv.item_list(self.section_text(body, _S_PLAN)[1], [nv.Cell(x, f"pln-{i}") for i, x in enumerate(items, 1)])
 
     def payers_section(self, body: etree._Element, payers: list[Payer]) -> None:
         payers = [p for p in payers if p.name or any(p.ids) or p.member_id or p.authorization is not None]
-        sec = self.section(body, _S_PAYERS, bool(payers))
         if not payers:
+            self.section(body, _S_PAYERS, False)
             return
         rows = []
         for i, p in enumerate(payers, 1):
@@ -1226,15 +1555,16 @@ class _Builder:
                     auth.authorized_visits if auth else "",
                 ]
             )
-        nv.table(nv.text_block(sec), _T_PAYERS, rows)
+        sec, text = self.section_text(body, _S_PAYERS)
+        nv.table(text, _T_PAYERS, rows)
         cov = _E_COVERAGE.add(sec)
-        cov["id"].attrib.update(self.uid("coverage"))
+        self.set_uid(cov["id"], "coverage")
         for i, p in enumerate(payers, 1):
             self.policy(cov["act"], i, p)
 
     def policy(self, coverage: etree._Element, i: int, p: Payer) -> None:
         """Policy Activity 4.61: payer, covered party (member id), plan, authorization."""
-        s = _E_POLICY.add(coverage)
+        s = (_E_POLICY_NAMED if p.name else _E_POLICY).add(coverage)
         s["sequence"].set("value", str(i))
         # Member, group and authorization numbers each live in the payer's own namespace: one local
         # root per (payer, kind), never the payer organisation's OID (their values would collide).
@@ -1242,41 +1572,40 @@ class _Builder:
         if p.group_number:
             self.fill_ii(s["id"], Identifier("", p.group_number, f"{label} group number"))
         else:
-            s["id"].attrib.update(self.uid(f"policy-{i}"))
+            self.set_uid(s["id"], f"policy-{i}")
         if p.name:
-            s["code"].addnext(_reference_text(f"pay-{i}"))
-        payer = s["payer"]
-        known_ids = [x for x in p.ids if x]
-        for ident in known_ids or [Identifier()]:
+            s["name_ref"].set("value", f"#pay-{i}")
+        known_ids = [x for x in p.ids if x] or [Identifier()]
+        self.fill_ii(s["payer_id"], known_ids[0])
+        for ident in known_ids[1:]:
             s["payer_code"].addprevious(self.fill_ii(etree.Element(V3 + "id"), ident))
         if p.name:
-            _text_el(_el(payer, "representedOrganization"), "name", p.name)
+            s["payer_name"].text = nv.clean(p.name)
         self.fill_ii(s["member"], Identifier("", p.member_id, f"{label} member ID") if p.member_id else Identifier())
         act = s["act"]
         if p.plan or p.authorization is None:
-            plan = _E_PLAN.add(act)
-            plan["id"].attrib.update(self.uid(f"policy-{i}-plan"))
+            plan = (_E_PLAN_NAMED if p.plan else _E_PLAN).add(act)
+            self.set_uid(plan["id"], f"policy-{i}-plan")
             if p.plan:
-                plan["code"].addnext(_reference_text(f"pay-{i}-plan"))
+                plan["ref"].set("value", f"#pay-{i}-plan")
         auth = p.authorization
         if auth is not None:
-            a = _E_AUTHORIZATION.add(act)
+            low, high = bool(ts_value(auth.effective)), bool(ts_value(auth.expiration))
+            key = ("authorization", bool(auth.number), bool(auth.authorized_visits), low, high)
+            a = _shape(key, lambda: _authorization_xml(*key[1:])).add(act)
             number = Identifier("", auth.number, f"{auth.payer or label} authorization")
             self.fill_ii(a["id"], number if auth.number else Identifier())
             if auth.number:
-                a["code"].addnext(_reference_text(f"pay-{i}-auth"))
+                a["ref"].set("value", f"#pay-{i}-auth")
             # What is authorized: the requested service (else the referral itself), for the period.
             r = self.r
-            service = a["service"]
-            self.fill_cd(service, r.requested_service or r.referral_type or DEFAULT_REFERRAL_TYPE, OID["SNOMED"])
+            self.fill_cd(a["service"], r.requested_service or r.referral_type or DEFAULT_REFERRAL_TYPE, OID["SNOMED"])
             if auth.authorized_visits:
-                _text_el(service.getparent(), "text", f"Authorized visits: {auth.authorized_visits}")
-            if ts_value(auth.effective) or ts_value(auth.expiration):
-                et = _el(service.getparent(), "effectiveTime")
-                if ts_value(auth.effective):
-                    self.ts(et, "low", auth.effective)
-                if ts_value(auth.expiration):
-                    self.ts(et, "high", auth.expiration)
+                a["visits"].text = nv.clean(f"Authorized visits: {auth.authorized_visits}")
+            if low:
+                self.fill_ts(a["low"], auth.effective)
+            if high:
+                self.fill_ts(a["high"], auth.expiration)
 
 
 def _result_value_text(x: Result) -> str:

@@ -38,7 +38,7 @@ import hl7
 import hl7.containers
 import hl7.util
 
-from .header import BOM, read_header, split_segments
+from .header import BOM, Delimiters, Header, read_header, split_segments
 
 # python-hl7 logs a field's content when it meets an escape it does not know;
 # the engine's logs carry ids, never message content.
@@ -118,19 +118,22 @@ Segment = list[str]  # fields as text; index n is field n (MSH too: index 1 is M
 class Reader:
     """Reads paths from one message's text.
 
-    Segments are indexed by name once, and each field is split and unescaped
-    once: a mapping reads the same few segments dozens of times.
+    Segments are indexed by name once, each field is split and unescaped
+    once, and the segments a selector picks (``PRD[RP]``) are picked once: a
+    mapping reads the same few segments dozens of times.
     """
 
     def __init__(self, text: str) -> None:
         if text.startswith("\ufeff"):
             text = text[1:]
-        d = read_header(text.encode("latin-1", errors="replace")[:4096]).delimiters
+        self._setup(text, read_header(text.encode("latin-1", errors="replace")[:4096]).delimiters)
+
+    def _setup(self, text: str, d: Delimiters) -> None:
         self.field_sep = d.field
         self.component, self.repetition, self.subcomponent = d.component, d.repetition, d.subcomponent
         self.escape = d.escape
-        self._unescaper = hl7.Message("\r", [], esc=d.escape or "\x1a",
-                                      separators="\r" + d.field + d.repetition + d.component + d.subcomponent)
+        self._delimiters = d
+        self._unescaper_message: hl7.Message | None = None  # made when a field first needs unescaping
         self.segments_list: list[Segment] = []
         self._by_name: dict[str, list[Segment]] = {}
         for line in split_segments(text):
@@ -140,17 +143,52 @@ class Reader:
             self.segments_list.append(fields)
             self._by_name.setdefault(fields[0], []).append(fields)
         self._fields: dict[tuple[int, int], list[Repetition]] = {}
+        # Segments a selector picks (PRD[RP]: read five times per mapping), by (name, field, value).
+        self._selected: dict[tuple[str | None, int, str], list[Segment]] = {}
+
+    @property
+    def _unescaper(self) -> hl7.Message:
+        """python-hl7's unescape, with this message's delimiters."""
+        if self._unescaper_message is None:
+            d = self._delimiters
+            self._unescaper_message = hl7.Message("\r", [], esc=d.escape or "\x1a",
+                                                  separators="\r" + d.field + d.repetition + d.component
+                                                  + d.subcomponent)
+        return self._unescaper_message
 
     @classmethod
     def from_bytes(cls, raw: bytes, codec: str) -> "Reader":
         return cls(raw.removeprefix(BOM).decode(codec))
+
+    @classmethod
+    def _from_bytes_read(cls, raw: bytes, codec: str, header: Header) -> "Reader":
+        """``from_bytes(raw, codec)`` for a caller that has read the header of *raw* already.
+
+        The same reader: ``__init__`` reads the delimiters again from the decoded text, which
+        gives these whenever MSH-1 and MSH-2 are ASCII (every codec here writes ASCII as ASCII);
+        otherwise this reads them as ``from_bytes`` does.
+        """
+        d = header.delimiters
+        if not (d.field + d.msh2).isascii():
+            return cls.from_bytes(raw, codec)
+        text = raw.removeprefix(BOM).decode(codec)
+        if text.startswith("\ufeff"):
+            text = text[1:]
+        reader = cls.__new__(cls)
+        reader._setup(text, d)
+        return reader
 
     # -- segments --------------------------------------------------------------
 
     def segments(self, path: Path) -> list[Segment]:
         found = self._by_name.get(path.segment, [])
         if path.selector_value is not None:
-            found = [s for s in found if self._first_component(s, path.selector_field) == path.selector_value]
+            key = (path.segment, path.selector_field, path.selector_value)
+            selected = self._selected.get(key)
+            if selected is None:
+                selected = self._selected[key] = [
+                    s for s in found if self._first_component(s, path.selector_field) == path.selector_value]
+            found = list(selected)  # the caller's own list, as before the cache
         if path.occurrence is None:
             return found
         return found[path.occurrence - 1: path.occurrence]
@@ -172,17 +210,27 @@ class Reader:
         return cached
 
     def _split(self, segment: Segment, n: int) -> list[Repetition]:
-        raw = self.raw_field(segment, n)
+        raw = segment[n] if n < len(segment) else ""  # raw_field(segment, n)
         if raw == "" or raw == '""':
             return []
         if n <= 2 and segment[0] == "MSH":  # the delimiters themselves: never split
             return [[[raw]]]
-        esc, unescape = self.escape, self._unescaper.unescape
-        reps = []
-        for rep in raw.split(self.repetition):
-            reps.append([[unescape(sub) if esc and esc in sub else sub for sub in comp.split(self.subcomponent)]
-                         for comp in rep.split(self.component)])
-        return reps
+        esc, sub = self.escape, self.subcomponent
+        if esc and esc in raw:
+            unescape = self._unescaper.unescape
+            return [[[unescape(s) if esc in s else s for s in comp.split(sub)] for comp in rep.split(self.component)]
+                    for rep in raw.split(self.repetition)]
+        # Nothing to unescape (most fields): split only; without a subcomponent separator in the
+        # field, each component is its own single subcomponent.
+        comp_sep = self.component
+        if self.repetition not in raw:  # one repetition, the usual case: one comprehension less
+            if comp_sep not in raw:
+                return [[raw.split(sub)]] if sub in raw else [[[raw]]]
+            comps = raw.split(comp_sep)
+            return [[c.split(sub) for c in comps]] if sub in raw else [[[c] for c in comps]]
+        if sub in raw:
+            return [[comp.split(sub) for comp in rep.split(comp_sep)] for rep in raw.split(self.repetition)]
+        return [[[comp] for comp in rep.split(comp_sep)] for rep in raw.split(self.repetition)]
 
     # -- evaluation --------------------------------------------------------------
 
@@ -191,32 +239,52 @@ class Reader:
 
         With ``segment``, a path without a segment name is read from it.
         """
-        if path.segment is None:
+        name = path.segment
+        if name is None:
             if segment is None:
                 raise PathError(f"{path.text!r} is relative: it needs a segment")
             segments = [segment]
+        elif path.selector_value is None:  # self.segments(path) without a selector, inlined
+            segments = self._by_name.get(name, [])
+            occurrence = path.occurrence
+            if occurrence is not None:
+                segments = segments[occurrence - 1: occurrence]
         else:
             segments = self.segments(path)
-        if path.field is None:
+        n = path.field
+        if n is None:
             return segments
         out: list = []
+        comp = path.component
+        fields = self._fields
         for seg in segments:
-            reps = self.repetitions(seg, path.field)
+            key = (id(seg), n)  # repetitions(seg, n), inlined: this runs for every rule of a mapping
+            reps = fields.get(key)
+            if reps is None:
+                reps = fields[key] = self._split(seg, n)
+            if not reps:
+                continue
             if path.rep_component is not None:
                 reps = [r for r in reps if _component(r, path.rep_component, 1) == path.rep_value]
             elif path.repetition is not None:
                 reps = reps[path.repetition - 1: path.repetition]
-            for rep in reps:
-                if path.component is None:
-                    if any(any(s for s in c) for c in rep):
+            if comp is None:
+                for rep in reps:
+                    if any(map(any, rep)):  # some subcomponent is not empty
                         out.append(rep)
+                continue
+            sub = path.subcomponent
+            for rep in reps:
+                if comp > len(rep):
+                    continue
+                subs = rep[comp - 1]
+                if sub is None:
+                    # The whole component: its subcomponents joined as sent, or the only one stripped.
+                    value = self.subcomponent.join(subs) if len(subs) > 1 else subs[0].strip() if subs else ""
                 else:
-                    value = _component(rep, path.component, path.subcomponent or 1)
-                    if path.subcomponent is None and len(rep) >= path.component:
-                        value = self.subcomponent.join(rep[path.component - 1]) if len(
-                            rep[path.component - 1]) > 1 else value
-                    if value:
-                        out.append(value)
+                    value = subs[sub - 1].strip() if sub <= len(subs) else ""
+                if value:
+                    out.append(value)
         return out
 
     def first(self, text: str) -> str:
