@@ -13,10 +13,10 @@ processed MDNs, one core, one thread:
 Each kind alone and the three mixed, in three groupings: each message committed on its own ("alone":
 what a lone message on a quiet link costs); as the engine groups them under load ("engine": the SIU
 and OSU waiting while a batch is applied go as one transaction, up to ``loop_service.BATCH`` (256),
-through ``LoopService._apply_batch``; each MDN is its own transaction, as the Direct thread opens one
-mail at a time and ``DirectAgent._on_mdn`` commits it; this follows the engine, so it must change
-with it); and 256 of any kind per transaction ("256/txn": what the engine would do if the Direct
-thread grouped received mail as LoopService groups loop messages; it does not yet). Then
+through ``LoopService._apply_batch``; the MDNs received meanwhile act in one transaction of up to
+``direct_service.MAIL_BATCH`` (64), as ``DirectService._open_received`` runs ``DirectAgent._on_mdn``
+for each mail it opened; this follows the engine, so it must change with it); and 256 of any kind
+per transaction ("256/txn": one writer for everything, a what-if). Then
 microseconds per stage, grouped as the engine groups them. The peer, in the same rounds: a
 hand-rolled tracker (python-hl7 ``hl7.parse``, SCH-26 / ORC-2, ``UPDATE referrals`` + ``INSERT`` an
 event row), committed as the engine's messages are, on its own SQLite file with the same pragmas.
@@ -69,6 +69,7 @@ from hl7referral.config import load_engine  # noqa: E402
 from hl7referral.direct import mdn as mdnlib  # noqa: E402
 from hl7referral.direct import packet  # noqa: E402
 from hl7referral.engine.direct import DirectAgent  # noqa: E402
+from hl7referral.engine.direct_service import MAIL_BATCH  # noqa: E402
 from hl7referral.engine.loop_service import BATCH as LOOP_BATCH  # noqa: E402
 from hl7referral.engine.loop_service import LoopService  # noqa: E402
 from hl7referral.loop import correlate  # noqa: E402
@@ -203,24 +204,21 @@ def transactions(events: list[tuple[str, int]], mode: str) -> list[list[tuple[st
     """The messages of a scenario in the transactions that apply them: one each ("alone"); as the
     engine groups them under load ("engine"): the loop messages (SIU, OSU) waiting while a batch is
     applied go as one transaction of up to LOOP_BATCH (LoopService._pump: here the queue is always
-    full), each MDN in its own (the Direct thread opens one mail at a time; DirectAgent._on_mdn
-    commits it), both streams in arrival order; or LOOP_BATCH of any kind per transaction, MDNs
-    too (what the engine would do if the Direct thread grouped received mail as LoopService does)."""
+    full), the MDNs received meanwhile as one of up to MAIL_BATCH (DirectService._open_received: the
+    Direct thread's own connection), each stream in arrival order; or LOOP_BATCH of any kind per
+    transaction (a what-if: one writer for everything)."""
     if mode == "alone":
         return [[e] for e in events]
     if mode != "engine":
         return [events[k:k + LOOP_BATCH] for k in range(0, len(events), LOOP_BATCH)]
-    groups, pending = [], []
+    groups, loop, mail = [], [], []
     for e in events:
-        if e[0] == "MDN":
-            groups.append([e])
-            continue
+        pending, size = (mail, MAIL_BATCH) if e[0] == "MDN" else (loop, LOOP_BATCH)
         pending.append(e)
-        if len(pending) == LOOP_BATCH:
-            groups.append(pending)
-            pending = []
-    if pending:
-        groups.append(pending)
+        if len(pending) == size:
+            groups.append(list(pending))
+            pending.clear()
+    groups += [g for g in (loop, mail) if g]
     return groups
 
 
@@ -274,7 +272,7 @@ class Engine:
             elif len(group) == 1:
                 self.one(*group[0])   # its own transaction (DirectAgent._on_mdn)
             else:
-                with self.store.atomic():   # MDNs sharing a transaction: "256/txn" only
+                with self.store.atomic():   # MDNs sharing a transaction (DirectService._open_received)
                     for kind, i in group:
                         self.one(kind, i)
         return time.perf_counter() - start
@@ -493,12 +491,12 @@ def events_part(a, tmp: Path, cfg, problems: list[str]) -> dict:
             path = fresh(template)
             engine = Engine(path, msgs, ids, cfg)
             split = Split()
-            one = split.wrap("glue (the rest of the path)", engine.one)
             batch = split.wrap("glue (the rest of the path)", engine.loop_batch)
+            mails = split.wrap("glue (the rest of the path)", engine.run)   # MDN groups: as run() applies them
             with patched(split, engine):
                 for group in transactions(orders[s][:count], "engine"):
                     if group[0][0] == "MDN":
-                        one(*group[0])
+                        mails([group])
                     else:
                         batch(group)
             engine.close()
@@ -937,7 +935,7 @@ def report_events(ev: dict, a, targets: list) -> None:
                          f"{med(e) / med(p):>10.2f}x")
             print(line)
     print(f"\nmicroseconds per message, grouped as the engine groups them (SIU, OSU up to {LOOP_BATCH} per "
-          f"transaction, each MDN its own;\neach stage timed where it runs, exclusive of the stages inside it; "
+          f"transaction, MDNs up to {MAIL_BATCH};\neach stage timed where it runs, exclusive of the stages inside it; "
           f"{min(a.referrals, a.split_events)} messages per kind, median of {a.rounds} pass(es)):")
     names: list[str] = []
     for s in KINDS:

@@ -581,3 +581,50 @@ def test_once_our_ehr_took_the_referral_the_initiator_is_told_it_was_dispatched(
                  what="the hand-over DELIVERED")
         time.sleep(2.5)   # two more Direct ticks
         assert outbox_rows(engine.path, "mdn-dispatched")
+
+
+# -- received mail opened in groups ----------------------------------------------------------------
+
+def test_mail_received_meanwhile_is_opened_in_one_transaction_and_a_bad_one_alone(
+        specialist, referrer, monkeypatch):
+    packet = send_referral(referrer, specialist.clock.seconds())
+    good = specialist.outbox.save_mail(mail_from=SENDER, rcpt_to=[RECEIVER], raw=packet["payload"], message_id="",
+                                       at="2026-11-18T11:00:00Z")
+    junk = specialist.outbox.save_mail(mail_from=SENDER, rcpt_to=[RECEIVER], raw=b"Subject: hi\r\n\r\nnot S/MIME",
+                                       message_id="", at="2026-11-18T11:00:01Z")
+    again = specialist.outbox.save_mail(mail_from=SENDER, rcpt_to=[RECEIVER], raw=packet["payload"],
+                                        message_id="", at="2026-11-18T11:00:02Z")
+    commits = []
+    plain = specialist.store._transaction
+
+    def counted():
+        if specialist.store._depth == 0:
+            commits.append(1)
+        return plain()
+    monkeypatch.setattr(specialist.store, "_transaction", counted)
+    specialist.service._open_received(specialist.clock.seconds())
+    monkeypatch.undo()
+    statuses = {m["id"]: m["status"] for m in specialist.outbox.list_mail()}
+    assert statuses[good] in ("stored", "delivered") and statuses[again] in ("stored", "delivered")
+    assert statuses[junk] == "rejected"
+    assert len(commits) == 1                      # three mails acted on in one transaction (one fsync)
+    assert [r["referral_id"] for r in specialist.loop.referrals()] == [REFERRAL_ID]   # recorded once
+
+    # A mail whose handling fails makes its group roll back; each mail is then opened alone: the bad
+    # one is marked "error" (kept, with the reason), the others are processed.
+    packet2 = send_referral(referrer, specialist.clock.seconds() + 1)
+    first = specialist.outbox.save_mail(mail_from=SENDER, rcpt_to=[RECEIVER], raw=packet2["payload"],
+                                        message_id="", at="2026-11-18T11:01:00Z")
+    broken = specialist.outbox.save_mail(mail_from=SENDER, rcpt_to=[RECEIVER], raw=packet2["payload"],
+                                         message_id="", at="2026-11-18T11:01:01Z")
+    real = specialist.service.agent._on_content
+
+    def failing(mail_id, *args, **kwargs):
+        if mail_id == broken:
+            raise RuntimeError("disk says no")
+        return real(mail_id, *args, **kwargs)
+    monkeypatch.setattr(specialist.service.agent, "_on_content", failing)
+    specialist.service._open_received(specialist.clock.seconds())
+    mails = {m["id"]: m for m in specialist.outbox.list_mail()}
+    assert mails[broken]["status"] == "error"   # kept, marked, never lost
+    assert mails[first]["status"] in ("stored", "delivered")

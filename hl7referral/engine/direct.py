@@ -98,6 +98,7 @@ class DirectAgent:
         # tracker (DirectService sets it); called inside the transaction that marks the mail processed, it
         # may return a callable to run once that transaction is committed.
         self.on_documents = None
+        self.after_commit: list | None = None   # set while a group of mails shares one transaction
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -275,6 +276,11 @@ class DirectAgent:
 
     def receive(self, mail: dict, now: float, send_mdn: Callable[..., None] | None = None) -> Received:
         """Open, check and act on one stored inbound mail row."""
+        return self.open(mail, now, send_mdn)()
+
+    def open(self, mail: dict, now: float, send_mdn: Callable[..., None] | None = None) -> Callable[[], Received]:
+        """Decrypt, verify and read one stored inbound mail row (no store writes: the costly part, kept
+        out of any transaction); returns what acts on it (the store writes), to call in one."""
         at = iso_timestamp(now)
         mail_id, raw = mail["id"], mail["raw"]
         outer = BytesHeaderParser(policy=compat32).parsebytes(raw)
@@ -283,23 +289,27 @@ class DirectAgent:
             opened = smime.decrypt(raw, self.certificate, self.key)
             verified = smime.verify(opened.entity)
         except smime.SmimeError as exc:
-            return self._reject(mail_id, at, from_address, exc.code, str(exc))
+            code, why = exc.code, str(exc)   # (exc is unbound once the except block ends)
+            return lambda: self._reject(mail_id, at, from_address, code, why)
         decision = check_sender(verified.signer, verified.certificates, from_address, self.anchors, self.policy,
                                 utc(now))
         if not decision.ok:
-            return self._reject(mail_id, at, from_address, decision.code, decision.reason)
+            return lambda: self._reject(mail_id, at, from_address, decision.code, decision.reason)
         trust = f"{decision.code} ({decision.binding}-bound)"
         try:
             report = mdnlib.read_if_mdn(verified.content)   # one MIME parse, not two
         except mdnlib.MdnError as exc:
-            # A broken MDN is audited, never taken for health content.
-            self.outbox.update_mail(mail_id, event="mdn-malformed", at=iso_timestamp(now), status="mdn-malformed",
-                                    kind="mdn", from_address=from_address, trust=trust, detail=str(exc),
-                                    processed_at=iso_timestamp(now))
-            return Received("mdn", "mdn-malformed", str(exc))
+            why = str(exc)
+
+            def malformed() -> Received:
+                # A broken MDN is audited, never taken for health content.
+                self.outbox.update_mail(mail_id, event="mdn-malformed", at=at, status="mdn-malformed", kind="mdn",
+                                        from_address=from_address, trust=trust, detail=why, processed_at=at)
+                return Received("mdn", "mdn-malformed", why)
+            return malformed
         if report is not None:
-            return self._on_mdn(mail_id, report, from_address, trust, now)
-        return self._on_content(mail_id, outer, verified.content, from_address, trust, now, send_mdn)
+            return lambda: self._on_mdn(mail_id, report, from_address, trust, now)
+        return lambda: self._on_content(mail_id, outer, verified.content, from_address, trust, now, send_mdn)
 
     def _reject(self, mail_id: int, at: str, from_address: str, code: str, reason: str) -> Received:
         self.log.warn("inbound mail #{mid} from {sender} refused: {code}: {why}", mid=mail_id, sender=from_address,
@@ -361,7 +371,12 @@ class DirectAgent:
                 # their referral; unknown ones are parked.
                 after = self.on_documents(documents, content, mail_id, now, sender=from_address)
         if after is not None:
-            after()   # what must wait for the commit (another thread reads what was written)
+            # What must wait for the commit (another thread reads what was written): now, or after the
+            # group of mails this one is opened with (DirectService._open_received).
+            if self.after_commit is not None:
+                self.after_commit.append(after)
+            else:
+                after()
         if message_id and from_address:
             self.queue_mdn(outer, "processed", now, mail_id)
             if delivered and mdnlib.wants_final_delivery(outer):
