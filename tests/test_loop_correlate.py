@@ -742,3 +742,12 @@ def test_delimiters_that_do_not_survive_the_declared_charset():
     raw[4], raw[121 % len(raw)] = 128, 129
     obs = read_v2(bytes(raw))
     assert obs.events == () and "MSH unreadable in its character set" in obs.problems[0]
+
+
+def test_a_decline_keeps_its_reason_with_the_event_for_the_coordinator():
+    obs = read_v2(lm.osu_decline(reason="Not a cardiology problem & no capacity"))   # sent as \\T\\ (escaped)
+    [event] = obs.events
+    assert event.kind == Kind.DECLINED
+    assert event.source.endswith(": Not a cardiology problem & no capacity")
+    accepted = read_v2(lm.osu_accept())
+    assert ":" not in accepted.events[0].source.split("OK/IP")[1]   # no reason where none is asked

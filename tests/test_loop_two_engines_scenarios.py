@@ -101,9 +101,11 @@ def test_a_declined_referral_ends_declined_on_both_sides_with_no_note_and_no_tas
         scenario.decline(h, ref, reason)
         scenario.settle(h)
         print(scenario.timelines(h, ref))
-        # The referrer's DECLINED came from the specialist's OSU^O51 UA/CA.
+        # The referrer's DECLINED came from the specialist's OSU^O51 UA/CA, with the reason its
+        # coordinator reads in the timeline.
         declined = [e for e in h.loop_events(REFERRER, ref.referral_id) if e["kind"] == "DECLINED"]
         assert len(declined) == 1 and "OSU^O51" in declined[0]["source"] and "UA/CA" in declined[0]["source"]
+        assert declined[0]["source"].endswith(reason)
         # One answer packet, the decline; the referrer sent one referral packet.
         assert answer_kinds(h, ref.referral_id) == ["DECLINED"]
         assert [r["kind"] for r in packets(h, REFERRER, ref.referral_id)] == ["referral"]

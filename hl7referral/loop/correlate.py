@@ -706,7 +706,14 @@ def _orders(c: _Ctx, trigger: str, table: OsuTable) -> None:
             out.warnings.append(f"{out.message_type}: {where} {pair}: no state change ({table.partner} table)")
         else:
             at = c.at((orc, 9, 1, f"{where}-9"))
-            out.event(Event(kind, at, source=f"{c.source} {orc1 or '-'}/{orc5 or '-'}"))
+            # Why (a decline, a cancel): ORC-16's text, else its code, kept with the event for the
+            # coordinator who reads the timeline.
+            why = (m.get(orc, 16, 2) or m.get(orc, 16, 1)).strip() if kind in _REASONED else ""
+            out.event(Event(kind, at, source=f"{c.source} {orc1 or '-'}/{orc5 or '-'}"
+                            + (f": {why[:200]}" if why else "")))
+
+
+_REASONED = (Kind.DECLINED, Kind.CANCEL_REQUESTED, Kind.CANCEL_CONFIRMED, Kind.CANCEL_REFUSED)
 
 
 # -- RRI^I12 / REF^I14 -------------------------------------------------------------------------
