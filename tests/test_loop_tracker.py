@@ -184,3 +184,18 @@ def test_the_referral_row_is_what_all_its_events_give_whatever_the_arrival_order
             assert got == want and row["state"] == state(observe_all(order[:k])).value, (seed, k)
             assert row["updated_at"] == iso(t(20, 0, k))
         assert row["state"] == "SEEN"
+
+
+def test_a_referral_sent_to_us_raises_our_coordinators_alerts_but_never_speaks_for_the_initiator(store):
+    from hl7referral.store.relay import Relay
+    tr = tracker(store)
+    tr.open("IN1", now=t(1), channel="referrals-in", facts=FACTS)
+    Relay(store).set_side("IN1", "recipient", "referrals@direct.sender.test", at=iso(t(1)))
+    tr.transport_event("IN1", Kind.DELIVERED, at=iso(t(1, 1)), source="mail #1", now=t(1, 1))
+    # The same facts on one of ours would notify the patient at once and remind them at +5 days.
+    acted = tr.run_timers(t(16))
+    assert [a.rule for a in acted] == ["booking-overdue"]            # our coordinators: nothing booked
+    assert {n["audience"] for n in tr.loop.notifications(referral_id="IN1")} == {"coordinator"}
+    assert tr.loop.tasks(referral_id="IN1") == []
+    tr.loop.apply("IN1", [Event(Kind.CONSULT_NOTE, iso(t(17)), source="MDM")], at=iso(t(17)), actor="test")
+    assert [a.rule for a in tr.run_timers(t(18))] == []              # no follow-up task: the referrer's

@@ -31,6 +31,7 @@ from . import sla
 from .states import Event, Kind, State, utc_text
 
 UTC = dt.timezone.utc
+RECIPIENT_SKIPS = (sla.PATIENT, sla.REFERRER)   # not ours to do for a referral sent to us
 AUDIENCE = {sla.ALERT: "coordinator", sla.PATIENT: "patient", sla.SPECIALIST: "specialist", sla.REFERRER: "referrer"}
 
 
@@ -227,6 +228,10 @@ class Tracker:
         acted = []
         # One evaluation serves all three: what is due now, when to look again, and since when overdue.
         upcoming = sla.due(referral_id, events, policy, calendar, now, horizon=sla.FAR)
+        if row.get("side") == "recipient":
+            # A referral sent to us: the patient hears from the initiator, and the referring
+            # provider's follow-up is theirs; what stalls on our side is our coordinators' alert.
+            upcoming = [d for d in upcoming if d.action not in RECIPIENT_SKIPS]
         due_now = [d for d in upcoming if d.at <= now]
         for item in due_now:
             if item.key in done:
