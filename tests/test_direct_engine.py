@@ -8,6 +8,7 @@ brings the cardiology practice's MDN back into the engine's SMTP listener.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import socket
 import sqlite3
@@ -20,6 +21,7 @@ import hl7.client
 import pytest
 from aiosmtpd.controller import Controller
 
+import polling
 from engine_process import EngineProcess
 from hl7referral.direct import mdn as mdnlib
 from hl7referral.direct import packet
@@ -88,14 +90,7 @@ def rows(store: Path, sql: str, args=()) -> list[dict]:
         conn.close()
 
 
-def wait_for(fn, timeout: float = 30.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what or fn}")
+wait_for = functools.partial(polling.wait_for, timeout=30.0)
 
 
 def send_referral(engine: EngineProcess) -> None:

@@ -12,6 +12,7 @@ SMTP, and the REF^I12 comes out over MLLP to tests/mllp_peer.py, which ACKs it.
 
 from __future__ import annotations
 
+import functools
 import base64
 import json
 import smtplib
@@ -22,6 +23,7 @@ import hl7
 import pytest
 from twisted.internet.task import Clock
 
+import polling
 import loop_messages as lm
 from hl7referral.config.direct import DirectConfig
 from hl7referral.direct import packet as packet_module
@@ -481,15 +483,7 @@ def peer():
     p.stop()
 
 
-def wait_for(fn, timeout: float = 20.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or fn}")
-        time.sleep(0.05)
+wait_for = functools.partial(polling.wait_for, timeout=20.0)
 
 
 class RunningSpecialist:

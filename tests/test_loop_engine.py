@@ -14,9 +14,9 @@ sample ``channels/loop-events.toml``. Loop messages are sent with original-mode 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import hl7
 import hl7.client
 from click.testing import CliRunner
 
+import polling
 import loop_messages as lm
 from hl7referral.cli import main
 from hl7referral.config import load_engine
@@ -78,16 +79,7 @@ def ref_i12(referral_ei: str = lm.REFERRAL_EI, control_id: str = "REFSAMPLE1") -
                                                                                 f"|{control_id}|".encode())
 
 
-def wait_for(fn, timeout: float = 15.0, what: str = ""):
-    """Poll *fn* until it returns something truthy (time-bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or fn}")
-        time.sleep(0.05)
+wait_for = functools.partial(polling.wait_for, timeout=15.0)
 
 
 class Engine:
