@@ -48,7 +48,7 @@ class ForwardConfig:
     endpoint: str
     message: str = "REF^I12"
     cda: str = "embed"
-    documents_dir: str = "inbound-documents"   # resolved against the engine's base directory by the engine
+    documents_dir: str = "inbound-documents"   # load_engine resolves it against engine.toml's directory
     reference_url: str = "file://{path}"       # {path}: the document's absolute path; {referral}, {file}
     sending_application: str = "HL7REFERRAL"
     sending_facility: str = ""
@@ -99,6 +99,9 @@ class ChannelConfig:
     def sends_order(self) -> bool:
         """ONC 360X: an OMG^O19 referral travels as the v2 order beside the C-CDA in the XDM packet."""
         return any(k.startswith("OMG^") for k in self.accept)
+
+    def with_documents_dir(self, path: str) -> "ChannelConfig":
+        return dataclasses.replace(self, forward=dataclasses.replace(self.forward, documents_dir=path))
 
     def with_listener(self, listener: str) -> "ChannelConfig":
         return dataclasses.replace(self, listener=listener)

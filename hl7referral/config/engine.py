@@ -184,6 +184,9 @@ def load_engine(
         # --listen puts every channel on the new listeners: their routes must still be distinct.
         channels = [ch if ch.inbound else ch.with_listener(listeners[0].name) for ch in channels]
         check_routes(channels)
+    # An inbound channel's documents_dir is relative to engine.toml, like every other path in it.
+    channels = [ch.with_documents_dir(str(_resolve(base, ch.forward.documents_dir))) if ch.inbound else ch
+                for ch in channels]
     return EngineConfig(
         source=source,
         store_path=store_path,

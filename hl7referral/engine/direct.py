@@ -356,7 +356,7 @@ class DirectAgent:
             target = self.config.deliver_dir / f"mail-{mail_id}"
             target.mkdir(parents=True, exist_ok=True)
             for name, data in documents:
-                _write_atomic(target / name, data)
+                write_atomic(target / name, data)
             delivered = True
         status = "delivered" if delivered else "stored"
         names = ", ".join(n for n, _ in documents) or "no documents"
@@ -435,7 +435,8 @@ def _attachments(content: bytes) -> list[tuple[str, bytes]]:
     return found
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """*data* at *path*, whole or not at all (a reader never sees half a document), and on disk."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)

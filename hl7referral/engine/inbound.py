@@ -20,7 +20,7 @@ Invariants
 from __future__ import annotations
 
 import datetime as dt
-import os
+import hashlib
 from pathlib import Path
 
 from twisted.logger import Logger
@@ -34,6 +34,7 @@ from ..store import Store
 from ..store.loop import Loop
 from ..store.outbox import Outbox
 from ..store.relay import RECIPIENT, Relay
+from .direct import write_atomic
 from .ingest import hl7_timestamp
 
 
@@ -111,7 +112,6 @@ class InboundReferrals:
 
     @staticmethod
     def _control_id(ref: InboundReferral) -> str:
-        import hashlib
         return "HRF" + hashlib.sha256(ref.referral_id.encode()).hexdigest()[:16].upper()
 
     def _forward_message(self, ref: InboundReferral, fwd, now: float) -> bytes:
@@ -129,17 +129,8 @@ class InboundReferrals:
 
     def _keep_document(self, ref: InboundReferral, fwd) -> Path:
         """The C-CDA where the EHR can fetch it (reference mode): written whole before it is named."""
-        base = Path(fwd.documents_dir)
-        if not base.is_absolute():
-            base = Path(self.config.source).parent / base if self.config.source.endswith(".toml") else \
-                Path.cwd() / base
         safe = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in ref.referral_id)
-        target = base.resolve() / safe / "referral-note.xml"
+        target = Path(fwd.documents_dir).resolve() / safe / "referral-note.xml"
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(ref.cda or b"")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        write_atomic(target, ref.cda or b"")
         return target
