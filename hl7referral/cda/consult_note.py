@@ -81,9 +81,8 @@ from .model import OID, Code, Identifier, Party, Patient, Referral
 # there): one set of header rules for both documents. A public header module would end the coupling.
 from .referral_note import (
     DEFAULT_OPTIONS,
-    NSMAP,
-    US_REALM_HEADER,
     BuildOptions,
+    document_proto,
     to_bytes,
     uuid5,
     _S_ALLERGIES,
@@ -164,19 +163,7 @@ def build_consultation_note(consult: ConsultInput, options: BuildOptions | None 
 
 # --- document skeletons (constants only) ---------------------------------------------------------
 
-_DOCUMENT = _Proto(
-    f"""<ClinicalDocument {" ".join(f'xmlns{":" + p if p else ""}="{ns}"' for p, ns in NSMAP.items())}>
-      <realmCode code="US"/>
-      <typeId root="2.16.840.1.113883.1.3" extension="POCD_HD000040"/>
-      {_tids(*US_REALM_HEADER)}{_tids(*CONSULTATION_NOTE)}
-      <id slot="id"/>
-      <code code="{DOCUMENT_CODE.code}" codeSystem="{DOCUMENT_CODE.system}" codeSystemName="{DOCUMENT_CODE.system_name}"
-            displayName="{DOCUMENT_CODE.display}"/>
-      <title slot="title"/><effectiveTime slot="time"/>
-      <confidentialityCode slot="confidentiality"/><languageCode slot="language"/>
-      <setId slot="set_id"/><versionNumber value="1"/>
-    </ClinicalDocument>"""
-)
+_DOCUMENT = document_proto(_tids(*CONSULTATION_NOTE), DOCUMENT_CODE)
 _IN_FULFILLMENT_OF = _Proto(
     '<inFulfillmentOf typeCode="FLFS"><order classCode="ACT" moodCode="RQO"><id slot="id"/></order></inFulfillmentOf>'
 )

@@ -507,21 +507,27 @@ _S_PAYERS = _section_proto(
     "2.16.840.1.113883.10.20.22.2.18", "2015-08-01", "48768-6", "Payment sources Document", "Payers"
 )
 
-# The document up to versionNumber: the header constants (options and document values are filled in).
-# The Referral Note is new in R2.0: no R1.1 twin of its templateId.
-_DOCUMENT = _Proto(
-    f"""<ClinicalDocument {" ".join(f'xmlns{":" + p if p else ""}="{ns}"' for p, ns in NSMAP.items())}>
+
+def document_proto(template_ids: str, code: Code) -> _Proto:
+    """A C-CDA document up to versionNumber on the US Realm Header: the header constants (options and
+    document values are filled in); *template_ids* the document template's (``_tids``), *code* its LOINC."""
+    return _Proto(
+        f"""<ClinicalDocument {" ".join(f'xmlns{":" + p if p else ""}="{ns}"' for p, ns in NSMAP.items())}>
       <realmCode code="US"/>
       <typeId root="2.16.840.1.113883.1.3" extension="POCD_HD000040"/>
-      {_tids(*US_REALM_HEADER)}{_tids(*REFERRAL_NOTE, r11=False)}
+      {_tids(*US_REALM_HEADER)}{template_ids}
       <id slot="id"/>
-      <code code="{DOCUMENT_CODE.code}" codeSystem="{DOCUMENT_CODE.system}" codeSystemName="{DOCUMENT_CODE.system_name}"
-            displayName="{DOCUMENT_CODE.display}"/>
+      <code code="{code.code}" codeSystem="{code.system}" codeSystemName="{code.system_name}"
+            displayName="{code.display}"/>
       <title slot="title"/><effectiveTime slot="time"/>
       <confidentialityCode slot="confidentiality"/><languageCode slot="language"/>
       <setId slot="set_id"/><versionNumber value="1"/>
     </ClinicalDocument>"""
-)
+    )
+
+
+# The Referral Note is new in R2.0: no R1.1 twin of its templateId.
+_DOCUMENT = document_proto(_tids(*REFERRAL_NOTE, r11=False), DOCUMENT_CODE)
 # Header and body wrappers: the fixed elements around what the helpers append.
 _W_RECORD_TARGET = _Proto('<recordTarget><patientRole slot="role"/></recordTarget>')
 _W_AUTHOR = _Proto('<author><time slot="time"/><assignedAuthor slot="assigned"/></author>')
