@@ -788,16 +788,25 @@ _SIU_TRIGGERS = {"S12": Kind.BOOKED, "S13": Kind.BOOKED, "S14": Kind.BOOKED, "S1
 _RESOURCES = (("AIS", 4, 10), ("AIG", 8, 14), ("AIL", 6, 12), ("AIP", 6, 12))
 
 
-def _siu(c: _Ctx, trigger: str, table: OsuTable) -> None:
-    m, out = c.m, c.out
-    sch = m.first("SCH")
-    if sch is None:
-        out.problems.append(f"{out.message_type}: no SCH segment")
-        out.withhold = True
-        return
-    out.referral(m.ei(sch, 26))
+def _keyed_by(c: _Ctx, segment: str, referral_field: int):
+    """The segment that names the referral (SCH-26, TXA-14), its keys recorded; None (the message
+    withheld, the problem said) when the message has none."""
+    seg = c.m.first(segment)
+    if seg is None:
+        c.out.problems.append(f"{c.out.message_type}: no {segment} segment")
+        c.out.withhold = True
+        return None
+    c.out.referral(c.m.ei(seg, referral_field))
     c.order_keys()
     c.control_key()
+    return seg
+
+
+def _siu(c: _Ctx, trigger: str, table: OsuTable) -> None:
+    m, out = c.m, c.out
+    sch = _keyed_by(c, "SCH", 26)
+    if sch is None:
+        return
     appointment = m.ei(sch, 2)
     placer_appointment = m.ei(sch, 1)
     out.key(APPOINTMENT, appointment or placer_appointment)
@@ -903,14 +912,9 @@ def _ed_content(m: _Message, rep: Repetition, where: str, out: _Out) -> bytes | 
 
 def _mdm(c: _Ctx, trigger: str, table: OsuTable) -> None:
     m, out = c.m, c.out
-    txa = m.first("TXA")
+    txa = _keyed_by(c, "TXA", 14)
     if txa is None:
-        out.problems.append(f"{out.message_type}: no TXA segment")
-        out.withhold = True
         return
-    out.referral(m.ei(txa, 14))
-    c.order_keys()
-    c.control_key()
     document_id = m.ei(txa, 12)
     out.key(DOCUMENT, document_id)
     for k in m.eis(txa, 13):
