@@ -541,3 +541,64 @@ def test_wants_final_delivery_looks_at_every_header():
         f"Disposition-Notification-Options: {FINAL_DELIVERY_OPTION}\r\n\r\n"
     )
     assert wants_final_delivery(email.message_from_string(raw))
+
+
+# -- the split parse (direct/multipart.py) reads every MDN as the stdlib's whole parse does ---------
+
+
+def _read_with(parse, raw: bytes):
+    """What the MDN reader makes of *raw* on the tree *parse* builds: an Mdn, None, or the error."""
+    from hl7referral.direct import mdn as m
+
+    try:
+        top = parse(raw)
+        report = m._find_report(top, 0)
+        return None if report is None else m._read_report(top, report)
+    except MdnError as exc:
+        return ("MdnError", str(exc))
+
+
+SAMPLES = [RI_DISPATCHED, FOLDED_PROCESSED, SIGNED_FAILED, ERROR_MODIFIER, build("dispatched")[1],
+           build("processed")[1], build("failed", failure="no key")[1], PLAIN, DSN, MIXED_WITH_FORWARDED_MDN]
+
+
+@pytest.mark.parametrize("raw", SAMPLES)
+def test_split_parse_reads_as_the_whole_parse(raw):
+    from hl7referral.direct import mdn as m
+
+    assert _read_with(m._parse_message, raw) == _read_with(m._stdlib_parse, raw)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.sampled_from(SAMPLES[:7]),
+    st.integers(min_value=0, max_value=2000),
+    st.integers(min_value=0, max_value=60),
+    st.sampled_from([b"", b"\r\n", b"\n", b"--", b"\r\n--", b" ", b"\r\n\r\n", b":", b"x"]) | st.binary(max_size=20),
+)
+@example(FOLDED_PROCESSED, FOLDED_PROCESSED.index(b"--b1_0123--"), 11, b"")         # no closing delimiter
+@example(FOLDED_PROCESSED, FOLDED_PROCESSED.index(b"Content-Type"), 0, b"junk\r\n")  # a header line without a colon
+@example(FOLDED_PROCESSED, FOLDED_PROCESSED.index(b"--b1_0123\r\n"), 0, b"--b1_0123x\r\n")  # a longer boundary
+def test_split_parse_reads_mutated_mdns_as_the_whole_parse(raw, at, cut, insert):
+    from hl7referral.direct import mdn as m
+
+    at = at % (len(raw) + 1)
+    mutated = raw[:at] + insert + raw[at + cut:]
+    assert _read_with(m._parse_message, mutated) == _read_with(m._stdlib_parse, mutated)
+
+
+def test_an_mdn_is_parsed_without_compiling_its_boundary(monkeypatch):
+    """The point of the split: CPython < 3.13 compiles a regex per boundary (gh-106628)."""
+    import email.feedparser
+
+    from hl7referral.direct import mdn as m
+
+    raw = build("processed")[1]
+    boundary = re.search(rb'boundary="([^"]+)"', raw).group(1).decode()
+    compiled = []
+    real = re.compile
+    monkeypatch.setattr(email.feedparser.re, "compile", lambda p, *a: compiled.append(p) or real(p, *a))
+    assert parse_mdn(raw).disposition == "processed"
+    assert not [p for p in compiled if re.escape(boundary) in p or boundary in p]
+    m._stdlib_parse(raw)   # the oracle: the whole parse does compile it (else this test proves nothing)
+    assert [p for p in compiled if re.escape(boundary) in p or boundary in p]

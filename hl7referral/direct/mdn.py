@@ -47,6 +47,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.generator import BytesGenerator
+from email.parser import BytesHeaderParser, BytesParser
+
+from . import multipart
 
 FINAL_DELIVERY_OPTION = "X-DIRECT-FINAL-DESTINATION-DELIVERY=optional,true"
 FINAL_DELIVERY_FIELD = "X-DIRECT-FINAL-DESTINATION-DELIVERY"
@@ -300,13 +303,36 @@ def wants_final_delivery(headers: Mapping[str, str] | email.message.Message) -> 
 
 
 def _parse_message(data: bytes) -> email.message.Message:
+    """The stdlib's tree of *data*; a top-level ``multipart/report`` (every MDN) is split at its
+    delimiters first and each part parsed on its own (the same tree, without the per-boundary
+    regular expression CPython < 3.13 compiles: :mod:`.multipart`)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise MdnError(f"expected bytes, not {type(data).__name__}")
+    data = bytes(data)
+    head = multipart.head(data)
+    # A lone CR ends a line for the stdlib, not for multipart: such bytes take the stdlib's way.
+    if head.content_type()[0] == "multipart/report" and b"\r" not in data.replace(b"\r\n", b""):
+        top = _stdlib_parse(data[:head.body], BytesHeaderParser)
+        boundary = top.get_boundary()   # the stdlib's reading of the parameter, as its parser uses
+        # The split tree is the stdlib's own when the stdlib reads the same header block: no
+        # defect (it would end the headers at a line that is not a field) and nothing after it.
+        if boundary and not top.defects and not top.get_payload() and top.get_content_type() == "multipart/report":
+            try:
+                pieces = multipart.parts(data, head.body, boundary.encode("ascii", "surrogateescape"))
+            except UnicodeEncodeError:   # an RFC 2231 boundary beyond ASCII
+                pieces = None
+            if pieces is not None:
+                top.set_payload([_stdlib_parse(piece) for piece in pieces])
+                return top
+    return _stdlib_parse(data)
+
+
+def _stdlib_parse(data: bytes, parser=BytesParser) -> email.message.Message:
     try:
         # compat32 never builds header objects lazily, so reading a header later cannot raise;
         # the parser itself records defects instead of raising, but this is the trust boundary
         # for bytes from the network, so any surprise from the stdlib becomes an MdnError.
-        return email.message_from_bytes(bytes(data), policy=email.policy.compat32)
+        return parser(policy=email.policy.compat32).parsebytes(data)
     except Exception as exc:  # noqa: BLE001 - see above
         raise MdnError(f"unparseable MIME: {type(exc).__name__}: {exc}") from None
 
