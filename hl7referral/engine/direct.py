@@ -209,7 +209,7 @@ class DirectAgent:
                 dispatched_timeout=self.config.dispatched_timeout,
                 final_delivery_requested=bool(row["final_delivery"]))
         self.outbox.update(row["id"], event=event.value.lower(), at=iso_timestamp(now), detail=detail,
-                           mail_id=mail_id, **fields)
+                           mail_id=mail_id, row=row, **fields)
         self._effects(row, t, now, detail)
         return t
 

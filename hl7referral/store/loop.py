@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from ..loop.states import Event, Kind, State, stage_times, state, observe_all
 from .audit import append_row
-from .sqlite import Store, where_equal
+from .sqlite import Store, dicts as _dicts, where_equal
 
 OPEN_STATES = tuple(s.value for s in State if not s.final)
 _STAGE_COLUMNS = {State.SENT: "sent_at", State.DELIVERED: "delivered_at", State.ACCEPTED: "accepted_at",
@@ -43,14 +43,6 @@ _DERIVED = ("state", "auth", "state_at", "due_at", *_STAGE_COLUMNS.values(), "fi
 _READ_DERIVED = f"SELECT {', '.join(_DERIVED)} FROM referrals WHERE referral_id = ?"
 # The report maps the file while it reads (SQLite caps it at its own maximum, 2 GB unless built otherwise).
 _MAP_BYTES = 1 << 31
-
-
-def _dicts(conn, sql: str, args: Iterable = ()) -> list[dict]:
-    """A read's rows as dicts, straight off the connection: the store-only commands (report,
-    referrals list, status) then never import sqlite-utils, which costs more than their query."""
-    cur = conn.execute(sql, tuple(args))
-    names = [d[0] for d in cur.description]
-    return [dict(zip(names, row)) for row in cur]
 
 
 def _seconds(a: str | None, b: str | None) -> float | None:
@@ -171,7 +163,7 @@ class Loop:
             return self._apply(referral_id, list(events), at=at, actor=actor, origin=origin)
 
     def _apply(self, referral_id: str, events: list[Event], *, at: str, actor: str, origin: str,
-               missing_ok: bool = False) -> Applied | None:
+               missing_ok: bool = False, once: bool = False) -> Applied | None:
         c = self.conn
         row = c.execute(_READ_DERIVED, (referral_id,)).fetchone()
         if row is None:
@@ -179,6 +171,11 @@ class Loop:
                 return None
             raise KeyError(f"no referral {referral_id}")
         before, auth = State(row[0]), row[1]
+        # The events so far, read before the new ones go in (they follow in id order): one read
+        # serves the *once* check and the recomputation.
+        every = self.events(referral_id)
+        if once and any(p.kind == e.kind for p in every for e in events):
+            return Applied(referral_id, 0, before, before)
         added = []
         for e in events:
             cur = c.execute(
@@ -189,7 +186,7 @@ class Loop:
                 added.append(e)
         if not added:
             return Applied(referral_id, 0, before, before)
-        every = self.events(referral_id)
+        every += added
         after = state(observe_all(every))
         stages = stage_times(every)
         fields = {col: stages.get(st) for st, col in _STAGE_COLUMNS.items()}
@@ -223,11 +220,8 @@ class Loop:
         processed one is the same receipt, not a second)."""
         s = self.store
         with s._lock, s._transaction():
-            if once and self.conn.execute("SELECT 1 FROM loop_events WHERE referral_id = ? AND kind = ? LIMIT 1",
-                                          (referral_id, kind.value)).fetchone():
-                return
             self._apply(referral_id, [Event(kind, at, source=source)], at=at, actor=actor, origin=source,
-                        missing_ok=True)
+                        missing_ok=True, once=once)
 
     def set_schedule(self, referral_id: str, due_at: str | None, overdue_at: str | None) -> None:
         s = self.store

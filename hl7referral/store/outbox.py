@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..loop.states import Kind
-from .sqlite import Store, owner_of, where_equal
+from .sqlite import Store, dicts, owner_of, where_equal
 
 ACTIVE = ("QUEUED", "RETRY_WAIT")
 # (transport, outbox kind, new state) -> the loop event it is (store/loop.py): a packet that left is
@@ -127,18 +127,24 @@ class Outbox:
         return rows[0] if rows else None
 
     def update(self, outbox_id: int, *, event: str, at: str, detail: str = "", mail_id: int | None = None,
-               **fields: Any) -> None:
-        """Change a row and write its audit event in one transaction (``state`` among *fields* is recorded)."""
+               row: dict | None = None, **fields: Any) -> None:
+        """Change a row and write its audit event in one transaction (``state`` among *fields* is recorded).
+        *row*: the caller's copy of it, for the columns that never change (referral, transport, kind)."""
         s = self.store
         with s._lock, s._transaction():
-            self._update(outbox_id, event=event, at=at, detail=detail, mail_id=mail_id, **fields)
+            self._update(outbox_id, event=event, at=at, detail=detail, mail_id=mail_id, row=row, **fields)
 
-    def _update(self, outbox_id: int, *, event: str, at: str, detail: str, mail_id: int | None, **fields: Any) -> None:
+    def _update(self, outbox_id: int, *, event: str, at: str, detail: str, mail_id: int | None,
+                row: dict | None = None, **fields: Any) -> None:
         fields["updated_at"] = at
         sets = ", ".join(f"{k} = ?" for k in fields)
         self.conn.execute(f"UPDATE outbox SET {sets} WHERE id = ?", [*fields.values(), outbox_id])
-        referral = self.conn.execute("SELECT referral_id, state, transport, kind FROM outbox WHERE id = ?",
-                                     (outbox_id,)).fetchone()
+        if row is not None and "state" in fields:
+            # referral, transport and kind are fixed at enqueue; the state is the one just written.
+            referral = (row["referral_id"], fields["state"], row["transport"], row["kind"])
+        else:
+            referral = self.conn.execute("SELECT referral_id, state, transport, kind FROM outbox WHERE id = ?",
+                                         (outbox_id,)).fetchone()
         self._event(outbox_id, mail_id, referral[0] if referral else None, event,
                     referral[1] if referral else None, detail, at)
         loop_kind = LOOP_EVENTS.get((referral[2], referral[3], fields.get("state"))) if referral else None
@@ -154,8 +160,9 @@ class Outbox:
         return rows[0] if rows else None
 
     def by_message_id(self, message_id: str) -> dict | None:
-        rows = list(self.store.db.query("SELECT * FROM outbox WHERE message_id = ? ORDER BY id LIMIT 1",
-                                        [message_id]))
+        # Straight off the connection: sqlite-utils would wrap the read in a SAVEPOINT (two more
+        # statements for every MDN received).
+        rows = dicts(self.conn, "SELECT * FROM outbox WHERE message_id = ? ORDER BY id LIMIT 1", [message_id])
         return rows[0] if rows else None
 
     def list(self, *, limit: int = 50, state: str | None = None, referral_id: str | None = None,

@@ -337,6 +337,14 @@ def where_equal(**filters: object) -> tuple[str, list]:
     return "WHERE " + " AND ".join(f"{k} = ?" for k in given), list(given.values())
 
 
+def dicts(conn, sql: str, args: Iterable = ()) -> list[dict]:
+    """A read's rows as dicts, straight off the connection: the store-only commands (report,
+    referrals list, status) then never import sqlite-utils, which costs more than their query."""
+    cur = conn.execute(sql, tuple(args))
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row)) for row in cur]
+
+
 class Store:
     """One SQLite file. Writes come from one thread at a time (the committer)."""
 
