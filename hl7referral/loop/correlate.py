@@ -552,7 +552,7 @@ def _read_v2(raw, codec, osu_table, zone, received, local_root) -> Observation:
     out = _Out(label)
     text = _decode_text(raw, header, codec, out)
     try:
-        m = _Message(header, Reader(text))
+        m = _Message(header, Reader._from_text_read(text, header))
     except (NotHL7, BrokenHeader) as exc:   # delimiters that do not survive the declared charset
         out.problems.append(f"{label}: MSH unreadable in its character set: {exc}")
         return out.build()

@@ -168,10 +168,17 @@ class Reader:
         gives these whenever MSH-1 and MSH-2 are ASCII (every codec here writes ASCII as ASCII);
         otherwise this reads them as ``from_bytes`` does.
         """
+        if not (header.delimiters.field + header.delimiters.msh2).isascii():
+            return cls.from_bytes(raw, codec)
+        return cls._from_text_read(raw.removeprefix(BOM).decode(codec), header)
+
+    @classmethod
+    def _from_text_read(cls, text: str, header: Header) -> "Reader":
+        """``Reader(text)`` for text decoded from bytes whose header was read already (the same
+        reader, as in :meth:`_from_bytes_read`)."""
         d = header.delimiters
         if not (d.field + d.msh2).isascii():
-            return cls.from_bytes(raw, codec)
-        text = raw.removeprefix(BOM).decode(codec)
+            return cls(text)
         if text.startswith("\ufeff"):
             text = text[1:]
         reader = cls.__new__(cls)
