@@ -744,6 +744,13 @@ def test_delimiters_that_do_not_survive_the_declared_charset():
     assert obs.events == () and "MSH unreadable in its character set" in obs.problems[0]
 
 
+@pytest.mark.parametrize("codec", ["utf-16", "utf-32", "cp500"])
+def test_a_codec_that_does_not_keep_ascii_is_refused_not_read_as_garbage(codec):
+    """The default codec of a site (no MSH-18) read as UTF-16 or EBCDIC: MSH does not survive it."""
+    obs = read_v2(lm.ack("AA"), codec)
+    assert obs.events == () and "MSH unreadable in its character set" in obs.problems[0]
+
+
 def test_a_decline_keeps_its_reason_with_the_event_for_the_coordinator():
     obs = read_v2(lm.osu_decline(reason="Not a cardiology problem & no capacity"))   # sent as \\T\\ (escaped)
     [event] = obs.events

@@ -107,6 +107,18 @@ def test_a_payer_rule_holds_the_referral_until_approved(store):
                    specialty="cardiology") == State.RECEIVED
 
 
+def test_an_event_with_empty_columns_moves_the_referral_as_its_stored_row_would(store):
+    """apply() recomputes from the events read plus the ones it added: those as read back (NULL as "")."""
+    tr = tracker(store)
+    sent(tr, "R9", t(1, 9))
+    tr.loop.apply("R9", [Event(Kind.BOOKED, iso(t(2)), appointment="A1", starts=iso(t(9)))], at=iso(t(2)),
+                  actor="test")
+    out = tr.loop.apply("R9", [Event(Kind.BOOKED, iso(t(3)), appointment=None, starts=None, source=None)],
+                        at=iso(t(3)), actor="test")   # compared with the first booking's strings
+    assert out.after == State.SCHEDULED
+    assert tr.loop.events("R9")[-1] == Event(Kind.BOOKED, iso(t(3)))
+
+
 def test_every_event_is_audited_and_the_chain_verifies(store):
     tr = tracker(store)
     sent(tr, "R8", t(1, 9))

@@ -561,8 +561,19 @@ def _read_with(parse, raw: bytes):
 SAMPLES = [RI_DISPATCHED, FOLDED_PROCESSED, SIGNED_FAILED, ERROR_MODIFIER, build("dispatched")[1],
            build("processed")[1], build("failed", failure="no key")[1], PLAIN, DSN, MIXED_WITH_FORWARDED_MDN]
 
+_DN = (b"Content-Type: message/disposition-notification\r\n\r\nReporting-UA: x\r\nOriginal-Message-ID: <a@b>\r\n"
+       b"Disposition: automatic-action/MDN-sent-automatically; processed\r\n")
+_REPORT = b"Content-Type: multipart/report; report-type=disposition-notification; %s\r\n\r\n"
+# Found in review: where the stdlib reads delimiters otherwise than multipart does, the whole parse is taken.
+EDGES = [
+    _REPORT % b"boundary*=''a%0D%0Ab" + b"--a\r\nb\r\n" + _DN + b"--a\r\nb--\r\n",   # a line break in the boundary
+    _REPORT % b'boundary="a\r\n b"' + b"--a b\r\n" + _DN + b"--a b--\r\n",              # a folded quoted boundary
+    _REPORT % b"boundary=b" + b"--b\r\n--b--\r\n" + _DN,                         # a close delimiter right after one
+    _REPORT % b"boundary=b" + b"--b\r\n--b\r\n" + _DN + b"--b--\r\n",                   # two delimiters in a row
+]
 
-@pytest.mark.parametrize("raw", SAMPLES)
+
+@pytest.mark.parametrize("raw", SAMPLES + EDGES)
 def test_split_parse_reads_as_the_whole_parse(raw):
     from hl7referral.direct import mdn as m
 

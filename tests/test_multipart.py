@@ -69,6 +69,13 @@ def test_without_a_close_delimiter_there_are_no_parts():
     assert [d.closing for d in multipart.delimiters(raw, body, b"b1")] == [False, False]
 
 
+def test_a_delimiter_right_after_another_gives_no_parts():
+    """The line break between them would belong to both; the stdlib takes the second for content."""
+    for raw in (b"\r\n--b1\r\n--b1--\r\n", b"\r\n--b1\r\n--b1\r\npart\r\n--b1--\r\n"):
+        assert multipart.parts(raw, 2, b"b1") is None
+    assert multipart.parts(b"\r\n--b1\r\n\r\n--b1--\r\n", 2, b"b1") == [b""]   # an empty part is a part
+
+
 def test_delimiters_stop_at_the_limit():
     raw = entity([b"one", b"two", b"three"])
     body = multipart.head(raw).body

@@ -315,8 +315,10 @@ def _parse_message(data: bytes) -> email.message.Message:
         top = _stdlib_parse(data[:head.body], BytesHeaderParser)
         boundary = top.get_boundary()   # the stdlib's reading of the parameter, as its parser uses
         # The split tree is the stdlib's own when the stdlib reads the same header block: no
-        # defect (it would end the headers at a line that is not a field) and nothing after it.
-        if boundary and not top.defects and not top.get_payload() and top.get_content_type() == "multipart/report":
+        # defect (it would end the headers at a line that is not a field) and nothing after it;
+        # and when the boundary fits on one line (the stdlib matches delimiters line by line).
+        if boundary and not top.defects and not top.get_payload() and top.get_content_type() == "multipart/report" \
+                and "\r" not in boundary and "\n" not in boundary:
             try:
                 pieces = multipart.parts(data, head.body, boundary.encode("ascii", "surrogateescape"))
             except UnicodeEncodeError:   # an RFC 2231 boundary beyond ASCII

@@ -18,8 +18,9 @@ Invariants
   the CRLF before it belongs to it, so a part is exactly the bytes between two delimiters.
   Bare LF is accepted for messages that went through a Unix mailbox. A longer boundary
   that merely starts with ours is not a delimiter of ours.
-* :func:`parts` returns ``None`` unless the body has an opening and a closing delimiter:
-  a truncated body is left to a lenient parser, never guessed at.
+* :func:`parts` returns ``None`` unless the body has an opening and a closing delimiter, none
+  of them right after another: a truncated or ambiguous body is left to a lenient parser,
+  never guessed at.
 """
 
 from __future__ import annotations
@@ -116,8 +117,10 @@ def delimiters(data: bytes, body: int, boundary: bytes, limit: int | None = None
 
 
 def parts(data: bytes, body: int, boundary: bytes) -> list[bytes] | None:
-    """The exact bytes of each body part, or None when the body has no opening and closing delimiter."""
+    """The exact bytes of each body part, or None when the body has no opening and closing delimiter,
+    or when a delimiter line follows another directly (the line break between them would belong to
+    both: readers differ there, the stdlib's takes the second for content)."""
     found = delimiters(data, body, boundary)
-    if len(found) < 2 or not found[-1].closing:
+    if len(found) < 2 or not found[-1].closing or any(b.start < a.end for a, b in zip(found, found[1:])):
         return None
     return [data[a.end:b.start] for a, b in zip(found, found[1:])]

@@ -183,7 +183,8 @@ class Loop:
                 "origin) VALUES (?,?,?,?,?,?,?,?)",
                 (referral_id, e.kind.value, e.at, e.appointment, e.starts, e.source, at, origin))
             if cur.rowcount:
-                added.append(e)
+                # As events() would read it back (NULL columns as ""): the recomputation below uses it.
+                added.append(Event(e.kind, e.at, e.appointment or "", e.starts or "", e.source or ""))
         if not added:
             return Applied(referral_id, 0, before, before)
         every += added

@@ -165,22 +165,22 @@ class Reader:
         """``from_bytes(raw, codec)`` for a caller that has read the header of *raw* already.
 
         The same reader: ``__init__`` reads the delimiters again from the decoded text, which
-        gives these whenever MSH-1 and MSH-2 are ASCII (every codec here writes ASCII as ASCII);
-        otherwise this reads them as ``from_bytes`` does.
+        gives these whenever the text begins with the MSH-1 and MSH-2 read (every ASCII-compatible
+        codec writes them unchanged); otherwise this reads them as ``from_bytes`` does.
         """
-        if not (header.delimiters.field + header.delimiters.msh2).isascii():
-            return cls.from_bytes(raw, codec)
         return cls._from_text_read(raw.removeprefix(BOM).decode(codec), header)
 
     @classmethod
     def _from_text_read(cls, text: str, header: Header) -> "Reader":
-        """``Reader(text)`` for text decoded from bytes whose header was read already (the same
-        reader, as in :meth:`_from_bytes_read`)."""
+        """``Reader(text)`` for text decoded from bytes whose header was read already: the same
+        reader, its delimiters taken from that read when the text begins with them."""
         d = header.delimiters
-        if not (d.field + d.msh2).isascii():
-            return cls(text)
         if text.startswith("\ufeff"):
             text = text[1:]
+        if not text.startswith("MSH" + d.field + d.msh2):
+            # Not the header read (a codec that does not keep ASCII as ASCII: UTF-16, EBCDIC):
+            # read the text's own, as Reader() does, which refuses what is not HL7.
+            return cls(text)
         reader = cls.__new__(cls)
         reader._setup(text, d)
         return reader
