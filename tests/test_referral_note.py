@@ -407,6 +407,19 @@ def test_markup_and_control_characters_in_data(validator):
     assert xp(doc, "//cda:list/cda:item/text()") == ["]]> & <script>"]
 
 
+def test_a_specialty_that_is_not_a_code_is_left_out_of_the_author_not_made_invalid(validator):
+    """A taxonomy "code" with inner spaces cannot be a cs token: the author's code SHALL have @code
+    (CONF:1198-16788), so it is left out there; the call-back contact keeps it as text (OTH)."""
+    r = adult()
+    r.referring.specialty = Code("207Q 00000X", OID["NUCC"], "Family Medicine")
+    tree = build_referral_note(r)
+    report = validator.validate(tree)
+    assert report.ok, "\n".join(report.lines())
+    doc = etree.fromstring(to_bytes(tree))
+    assert xp(doc, "cda:author/cda:assignedAuthor/cda:code") == []
+    assert xp(doc, "cda:participant/cda:associatedEntity/cda:code/@nullFlavor") == ["OTH"]
+
+
 def test_same_referral_same_bytes():
     assert to_bytes(build_referral_note(adult())) == to_bytes(build_referral_note(adult()))
 

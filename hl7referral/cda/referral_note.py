@@ -1177,7 +1177,8 @@ class _Builder:
         self.fill_ts(s["time"], self.r.created, min_len=8)
         aa = s["assigned"]
         self.ids(aa, ref.ids)
-        if ref.specialty.code:
+        if token(ref.specialty.code):
+            # Only a real code: the author's code SHALL carry @code (CONF:1198-16788), no nullFlavor.
             self.cd(aa, "code", ref.specialty, OID["NUCC"])
         self.addr(aa, ref.addr)
         self.telecom(aa, _party_telecoms(ref))
