@@ -36,17 +36,12 @@ from ..store.loop import Loop
 from ..store.outbox import Outbox
 from ..store.relay import RECIPIENT, Relay
 from ..v2.ack_match import ACCEPT
+from ..v2.answers import ei_from_key
 from ..v2.mdm import ConsultNote, build_mdm_t02
 from .ingest import hl7_timestamp, iso_timestamp
 from .mllp_client import MLLPSender, SendFailed
 
 TICK = 1.0
-
-
-def ei(referral_id: str) -> str:
-    """The stored referral id ("ext@root") as an HL7 EI ("ext^^root^ISO")."""
-    ext, _, root = referral_id.rpartition("@")
-    return f"{ext}^^{root}^ISO" if ext and root else referral_id
 
 
 def patient_fields(raw: bytes, codec: str) -> dict[str, str]:
@@ -138,7 +133,7 @@ class ReturnService(MultiService):
         fmt_text = note["format"] == "text"
         control_id = f"HRN{note_id}"
         mdm = build_mdm_t02(
-            ConsultNote(referral_id=ei(referral_id), unique_document_id=f"{control_id}",
+            ConsultNote(referral_id=ei_from_key(referral_id), unique_document_id=f"{control_id}",
                         title=note["title"] or "Consult note",
                         text=note["content"].decode("utf-8", "replace") if fmt_text else None,
                         document=None if fmt_text else note["content"],
