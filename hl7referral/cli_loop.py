@@ -160,6 +160,17 @@ def _reread(item: dict, config):
                           zone=config.loop.calendar.zone, local_root=config.local_root)
 
 
+def _replay_referral(config, store, item: dict, *, by: str) -> int:
+    """A referral sent to us and parked (engine/inbound.py) taken again: 0 when recorded, 1 when not."""
+    from .engine.inbound import InboundReferrals
+    from .store.outbox import Outbox
+    mail = Outbox(store).get_mail(int(item["origin"].removeprefix("mail #"))) or {}
+    ok, what = InboundReferrals(config, store).replay(item, sender=mail.get("from_address") or "",
+                                                      now=_utcnow().timestamp(), by=by)
+    click.echo(f"#{item['id']}: {what}" if ok else f"#{item['id']}: still parked: {what}")
+    return 0 if ok else 1
+
+
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -495,8 +506,11 @@ def register_actions(main, config_options, readable_errors, load, open_store, em
     def replay(config, store, overrides, item_ids, replay_all, by) -> None:
         """Read parked work-queue items again and apply those whose keys now name one referral.
 
-        Exit status 1 when some item still matches nothing (it stays open, with its reason).
+        A referral sent to us by Direct and parked (no channel for its sender, a document that
+        could not be kept) is taken again with today's configuration: recorded and queued for
+        our EHR. Exit status 1 when some item still cannot be (it stays open, with its reason).
         """
+        from .engine.inbound import PARKED_TYPE as PARKED_REFERRAL
         from .loop.tracker import Tracker
         if not item_ids and not replay_all:
             fail("name work-queue item ids, or --all")
@@ -512,6 +526,9 @@ def register_actions(main, config_options, readable_errors, load, open_store, em
                 if item is None or item["status"] != "open":
                     click.echo(f"#{item_id}: no open work-queue item")
                     still += 1
+                    continue
+                if item["message_type"] == PARKED_REFERRAL:
+                    still += _replay_referral(cfg, s, item, by=_who(by))
                     continue
                 out = tracker.replay(item, _reread(item, cfg), now=_utcnow(), by=_who(by))
                 if out.referral_id is None:

@@ -217,6 +217,54 @@ def test_a_sender_no_channel_takes_is_parked_with_an_alert_and_the_mail_kept(tmp
         specialist.close()
 
 
+def test_a_parked_referral_is_taken_by_replay_once_a_channel_takes_its_sender(tmp_path, direct_pki, referrer):
+    """The analyst adds the sender to a channel, then `hl7referral replay`: recorded, queued for our
+    EHR, the item resolved; before that, replay leaves it open as it was (no second item)."""
+    from click.testing import CliRunner
+
+    from hl7referral.cli import main
+    from specialist_inputs import channels_dir
+
+    specialist = Specialist(tmp_path, direct_pki, text=channel_toml(direct=("@direct.elsewhere.test",)))
+    try:
+        mail_id = specialist.deliver(send_referral(referrer, specialist.clock.seconds())["payload"])
+        [item] = specialist.loop.workqueue()
+    finally:
+        specialist.close()
+    store = str(tmp_path / "specialist.db")
+
+    def replay(*args):
+        return CliRunner().invoke(main, ["replay", *args, "--store", store, "--by", "analyst",
+                                         "--set", f'channels.dir="{tmp_path / "channels"}"'])
+
+    still = replay(str(item["id"]))
+    assert still.exit_code == 1, still.output
+    assert f"#{item['id']}: still parked: no channel takes referrals from {SENDER}" in still.output
+
+    channels_dir(tmp_path, channel_toml())   # the channel now takes the sender's domain
+    done = replay("--all")
+    assert done.exit_code == 0, done.output
+    assert f"#{item['id']}: referral {REFERRAL_ID} recorded, queued for the EHR" in done.output
+
+    s = Store.open(store)
+    try:
+        loop, outbox = Loop(s), Outbox(s)
+        [resolved] = loop.workqueue(status="resolved")
+        assert (resolved["id"], resolved["resolved_by"], resolved["referral_id"]) == \
+            (item["id"], "analyst", REFERRAL_ID)
+        assert loop.workqueue(status="open") == []
+        referral = loop.get(REFERRAL_ID)
+        assert referral["state"] == "DELIVERED" and referral["channel"] == CHANNEL
+        assert Relay(s).side_of(REFERRAL_ID) == Side("recipient", SENDER)
+        [hand_over] = [r for r in outbox.list() if r["kind"] == "referral-in"]
+        assert hand_over["recipient"] == EHR_ENDPOINT and hand_over["state"] == "QUEUED"
+        assert json.loads(referral["contact"])["mail_id"] == mail_id
+    finally:
+        s.close()
+    again = replay(str(item["id"]))   # resolved: nothing to take twice
+    assert again.exit_code == 1 and "no open work-queue item" in again.output
+
+
 def read_documents_ok(content: bytes) -> bool:
     """The parked content still unpacks into the referral's documents (a person can look at them)."""
     from hl7referral.engine.direct import _attachments

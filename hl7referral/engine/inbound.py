@@ -13,7 +13,9 @@ Invariants
   ``<referral>/ehr/referral``) sent by the MLLP sender with its own ACK check and retries;
   a referral sent to us twice is recorded and forwarded once (the second is audited).
 * No channel for the sender, or a package we cannot read: the mail goes to the work queue
-  whole, with the reason, and a coordinator alert; never dropped, never guessed.
+  whole, with the reason, and a coordinator alert; never dropped, never guessed. ``replay``
+  reads the kept content again with the configuration of the day and resolves the item only
+  when the referral is recorded; one that still cannot be taken stays as it was (no new item).
 * Logs carry referral ids and mail ids, never patient data.
 """
 
@@ -38,6 +40,9 @@ from .direct import write_atomic
 from .ingest import hl7_timestamp
 
 
+PARKED_TYPE = "referral (Direct)"   # the work queue's message type of a referral parked here
+
+
 class InboundReferrals:
     log = Logger()
 
@@ -54,6 +59,40 @@ class InboundReferrals:
         """Record *ref* and queue its hand-over to our EHR; returns what happened, for the log."""
         at = iso(dt.datetime.fromtimestamp(now, dt.timezone.utc))
         origin = f"mail #{mail_id}"
+        channel, message, why = self._checked(ref, sender, now)
+        if why:
+            item = self.loop.park(at=at, origin=origin, message_type=PARKED_TYPE,
+                                  keys=(("referral", ref.referral_id),) if ref.referral_id else (), reason=why,
+                                  raw=raw)
+            self.loop.alert(key=f"inbound/{mail_id}", kind="inbound-referral-parked", at=at,
+                            owner=self.config.loop.owner_for("", "", ""), referral_id=None,
+                            text=f"a referral from {sender} (mail #{mail_id}) waits in the work queue "
+                                 f"#{item}: {why}")
+            self.log.warn("ALERT inbound referral in mail #{mid} parked in the work queue #{item}: {why}",
+                          mid=mail_id, item=item, why=why)
+            return f"parked #{item}"
+        return self._record(ref, channel, message, sender=sender, mail_id=mail_id, at=at, now=now)
+
+    def replay(self, item: dict, *, sender: str, now: float, by: str) -> tuple[bool, str]:
+        """A parked referral (``receive`` could not take it) read again from the content it kept, with
+        today's configuration (a channel added for its sender, a documents directory made): recorded
+        and queued, and the item resolved; else (False, why) and the item stays open as it was."""
+        from ..loop.inbound import read_inbound
+        from .direct import _attachments   # the Direct layer's own unpacking (XDM or attachments)
+
+        mail_id = int(item["origin"].removeprefix("mail #"))
+        ref = read_inbound(_attachments(item["raw"] or b""), local_root=self.config.local_root)
+        channel, message, why = self._checked(ref, sender, now)
+        if why:
+            return False, why
+        at = iso(dt.datetime.fromtimestamp(now, dt.timezone.utc))
+        with self.store.atomic():
+            what = self._record(ref, channel, message, sender=sender, mail_id=mail_id, at=at, now=now)
+            self.loop.resolve(item["id"], at=at, by=by, resolution=f"replayed: {what}", referral_id=ref.referral_id)
+        return True, what
+
+    def _checked(self, ref: InboundReferral, sender: str, now: float):
+        """(channel, the message for our EHR, '') when *ref* can be taken, else (.., .., why not)."""
         channel = self.channel_for(sender)
         problems = list(ref.problems)
         message = None
@@ -68,17 +107,12 @@ class InboundReferrals:
                 problems.append(f"cannot be handed to our EHR: the C-CDA cannot be kept in "
                                 f"{channel.forward.documents_dir}: {exc.strerror or exc}")
         if problems or not ref.referral_id or message is None:
-            why = "; ".join(problems) or "no referral id"
-            item = self.loop.park(at=at, origin=origin, message_type="referral (Direct)",
-                                  keys=(("referral", ref.referral_id),) if ref.referral_id else (), reason=why,
-                                  raw=raw)
-            self.loop.alert(key=f"inbound/{mail_id}", kind="inbound-referral-parked", at=at,
-                            owner=self.config.loop.owner_for("", "", ""), referral_id=None,
-                            text=f"a referral from {sender} (mail #{mail_id}) waits in the work queue "
-                                 f"#{item}: {why}")
-            self.log.warn("ALERT inbound referral in mail #{mid} parked in the work queue #{item}: {why}",
-                          mid=mail_id, item=item, why=why)
-            return f"parked #{item}"
+            return channel, None, "; ".join(problems) or "no referral id"
+        return channel, message, ""
+
+    def _record(self, ref: InboundReferral, channel, message: bytes, *, sender: str, mail_id: int, at: str,
+                now: float) -> str:
+        origin = f"mail #{mail_id}"
         fwd = channel.forward
         with self.store.atomic():
             created = self.loop.open_referral(
