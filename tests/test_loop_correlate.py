@@ -491,6 +491,11 @@ def test_mdm_without_content_or_with_broken_content_is_parked():
 def test_mdm_replacement_keeps_the_parent_document_as_a_key():
     obs = read_v2(lm.mdm_t02(trigger="T10", parent_document_id="D0000^^2.999.1.32.20^ISO"))
     assert ("document", "D0000@2.999.1.32.20") in obs.keys and kinds(obs) == [Kind.CONSULT_NOTE]
+    # The note knows what it revises, so it goes back to the chart as a revision of that document.
+    assert (obs.note.unique_id, obs.note.parent_id, obs.note.revision) == \
+        ("D0001@2.999.1.32.20", "D0000@2.999.1.32.20", "T10")
+    original = read_v2(lm.mdm_t02()).note
+    assert (original.parent_id, original.revision) == ("", "")
 
 
 # -- ACK ---------------------------------------------------------------------------------------------------

@@ -104,6 +104,21 @@ def test_referral_id_is_the_first_placer_order_number_in_txa_14():
     assert field(msg, "TXA", 14) == "REF0001"
 
 
+def test_a_revision_names_its_trigger_and_the_document_it_revises():
+    replaced = hl7.parse(build(note(parent_document_id="DOC-76^SPECIALIST"), trigger="T10").decode())
+    assert str(replaced.segment("MSH")(9)) == "MDM^T10^MDM_T02"
+    assert str(replaced.segment("TXA")(12)) == "DOC-77^SPECIALIST"
+    assert str(replaced.segment("TXA")(13)) == "DOC-76^SPECIALIST"
+    strict_t10 = strict(build(note(parent_document_id="DOC-76^SPECIALIST"), trigger="T10"))   # hl7apy, strict
+    assert strict_t10.name == "MDM_T02" and strict_t10.TXA.TXA_13.value == "DOC-76^SPECIALIST"
+    original = hl7.parse(build().decode())
+    assert str(original.segment("MSH")(9)) == "MDM^T02^MDM_T02" and str(original.segment("TXA")(13)) == ""
+    with pytest.raises(ValueError, match="parent_document_id"):
+        build(trigger="T06")   # an addendum must say what it adds to
+    with pytest.raises(ValueError, match="trigger"):
+        build(trigger="T11")   # a cancel notification carries no content: not built here
+
+
 def test_text_is_one_tx_observation_per_line():
     msg = parsed(build())
     obx = msg.segments("OBX")

@@ -101,6 +101,58 @@ def test_consult_note_goes_back_as_mdm_and_its_ack_closes_the_loop(tmp_path, pee
     check_audit(engine.path)
 
 
+# -- revisions: the chart gets a revision of the note it holds ---------------------------------------
+
+def note_rows(mine: Store) -> list[dict]:
+    return list(mine.db.query("SELECT * FROM outbox WHERE transport = 'mllp' AND kind = 'consult-note' ORDER BY id"))
+
+
+def txa(payload: bytes) -> tuple[str, str, str]:
+    """(MSH-9, TXA-12, TXA-13) of an MDM the peer received, read by python-hl7."""
+    message = hl7.parse(payload.decode("utf-8"))
+    t = message.segment("TXA")
+    return str(message.segment("MSH")(9)), str(t(12)), str(t(13)) if len(t) > 13 else ""
+
+
+def test_a_replaced_addended_or_re_statused_note_goes_back_as_a_revision_of_the_charts_document(tmp_path, peer):
+    """T02, then T10 (replaces it), T04 (its status changed: the same document), T06 of a document we
+    never had (sent as an original): each delivered once, the referral stays CLOSED."""
+    engine = returning_engine(tmp_path, peer)
+    mine = Store.open(engine.path)
+    try:
+        open_referral(engine, mine)
+        send_note(engine)                                                  # TXA-12 D0001
+        wait_for(lambda: Loop(mine).get(lm.REFERRAL_ID)["state"] == "CLOSED", what="the referral CLOSED")
+        revisions = [
+            lm.mdm_t02(trigger="T10", document_id="D0002^^2.999.1.32.20^ISO", parent_document_id=lm.DOCUMENT_EI,
+                       text="Corrected: EF 55%.", control_id="MDM0002", **ORIGINAL_MODE),
+            lm.mdm_t02(trigger="T04", document_id="D0002^^2.999.1.32.20^ISO", status="LA",
+                       text="Corrected: EF 55%.", control_id="MDM0003", **ORIGINAL_MODE),
+            lm.mdm_t02(trigger="T06", document_id="D0009^^2.999.1.32.20^ISO",
+                       parent_document_id="D0008^^2.999.1.32.20^ISO", text="Addendum.", control_id="MDM0004",
+                       **ORIGINAL_MODE),
+        ]
+        for n, mdm in enumerate(revisions, 2):
+            assert msa(engine.send(mdm))[0] == "AA"
+            wait_for(lambda: len([r for r in note_rows(mine) if r["state"] == "DELIVERED"]) == n,
+                     what=f"{n} notes delivered")
+        first, replaced, statused, addendum = (txa(r.payload) for r in peer.received)
+        rows = note_rows(mine)
+        assert first == ("MDM^T02^MDM_T02", rows[0]["message_id"], "")
+        assert replaced == ("MDM^T10^MDM_T02", rows[1]["message_id"], first[1])   # TXA-13: the chart's document
+        assert statused == ("MDM^T04^MDM_T02", replaced[1], "")                  # the replacement, its status changed
+        assert addendum == ("MDM^T02^MDM_T02", rows[3]["message_id"], "")        # its parent never reached the chart
+        [queued] = mine.db.query("SELECT detail FROM transport_events WHERE outbox_id = ? AND event = 'queued'",
+                                 [rows[1]["id"]])
+        assert queued["detail"].endswith(f"T10 of {first[1]}")
+        assert len(peer.received) == 4 and len(Loop(mine).notes(lm.REFERRAL_ID)) == 4
+        assert Loop(mine).get(lm.REFERRAL_ID)["state"] == "CLOSED"
+    finally:
+        engine.stop()
+        mine.close()
+    check_audit(engine.path)
+
+
 # -- 7: a misbehaving peer ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("behaviour", ["wrong-id", "late:1.5", "no-ack"])

@@ -37,11 +37,44 @@ from ..store.outbox import Outbox
 from ..store.relay import RECIPIENT, Relay
 from ..v2.ack_match import ACCEPT
 from ..v2.answers import ei_from_key
-from ..v2.mdm import ConsultNote, build_mdm_t02
+from ..v2.mdm import MDM_TRIGGERS, ConsultNote, build_mdm_t02
 from .ingest import hl7_timestamp, iso_timestamp
 from .mllp_client import MLLPSender, SendFailed
 
 TICK = 1.0
+
+
+def revision_in_chart(loop: Loop, outbox: Outbox, referral_id: str, note: dict) -> tuple[str, str, str]:
+    """(MDM trigger, TXA-12, TXA-13) of *note* as the referring chart must see it.
+
+    The chart knows the documents we sent it as ``HRN<note id>``. A revision from the specialist
+    (T04 status change: the same TXA-12; T06/T08/T10: TXA-13 names the revised one) goes back as
+    that revision of the document the chart holds; one whose document the chart never had from us
+    (not kept here, or never sent back) goes as an original (T02), the only thing it can file.
+    """
+    own = f"HRN{note['id']}"
+    revision = note.get("revision") or ""
+    if revision not in MDM_TRIGGERS or revision == "T02":
+        return "T02", own, ""
+    key = note["document_id"] if revision == "T04" else note["parent_document_id"]
+    held = _chart_id(loop, outbox, referral_id, loop.note_by_document(referral_id, key, before=note["id"]) if key
+                     else None)
+    if held is None:
+        return "T02", own, ""
+    return (revision, held, "") if revision == "T04" else (revision, own, held)
+
+
+def _chart_id(loop: Loop, outbox: Outbox, referral_id: str, note: dict | None, depth: int = 0) -> str | None:
+    """The TXA-12 the chart holds for *note* (as :func:`revision_in_chart` sent it); None when we
+    never sent it back."""
+    if note is None or outbox.by_key(f"{referral_id}/mllp/note-{note['id']}") is None:
+        return None
+    if note.get("revision") == "T04" and depth < 100:   # a status change is the document it changed
+        earlier = loop.note_by_document(referral_id, note["document_id"], before=note["id"])
+        held = _chart_id(loop, outbox, referral_id, earlier, depth + 1)
+        if held is not None:
+            return held
+    return f"HRN{note['id']}"
 
 
 def patient_fields(raw: bytes, codec: str) -> dict[str, str]:
@@ -132,8 +165,9 @@ class ReturnService(MultiService):
         pid = patient_fields(original["raw"], original.get("charset") or "ascii") if original else {}
         fmt_text = note["format"] == "text"
         control_id = f"HRN{note_id}"
+        trigger, unique, parent = revision_in_chart(loop, Outbox(store), referral_id, note)
         mdm = build_mdm_t02(
-            ConsultNote(referral_id=ei_from_key(referral_id), unique_document_id=f"{control_id}",
+            ConsultNote(referral_id=ei_from_key(referral_id), unique_document_id=unique, parent_document_id=parent,
                         title=note["title"] or "Consult note",
                         text=note["content"].decode("utf-8", "replace") if fmt_text else None,
                         document=None if fmt_text else note["content"],
@@ -141,12 +175,14 @@ class ReturnService(MultiService):
                         patient_ids=pid.get("ids", ""), patient_name=pid.get("name", "")),
             control_id=control_id, now_hl7=hl7_timestamp(now),
             sending=(self.leg.sending_application, self.leg.sending_facility),
-            receiving=(self.leg.receiving_application, self.leg.receiving_facility), version=self.leg.version)
+            receiving=(self.leg.receiving_application, self.leg.receiving_facility), version=self.leg.version,
+            trigger=trigger)
+        what = f"consult note #{note_id}" + (f", {trigger} of {parent or unique}" if trigger != "T02" else "")
         Outbox(store).enqueue(key=f"{referral_id}/mllp/note-{note_id}", referral_id=referral_id, document_id=None,
                               channel=row.get("channel") or "", transport="mllp", kind="consult-note",
                               sender=self.leg.sending_application, recipient=self.leg.endpoint,
-                              message_id=control_id, payload=mdm, at=at, now=now, detail=f"consult note #{note_id}")
-        return f"queued as MDM^T02 {control_id}"
+                              message_id=control_id, payload=mdm, at=at, now=now, detail=what)
+        return f"queued as MDM^{trigger} {control_id}"
 
     # -- sending ------------------------------------------------------------------------------
 

@@ -125,6 +125,8 @@ class Note:
     content: bytes
     title: str = ""
     unique_id: str = ""  # TXA-12 / ClinicalDocument id, as a key string (ext@root or root)
+    parent_id: str = ""  # TXA-13: the document this one revises, as a key string
+    revision: str = ""   # the MDM trigger of a revision (T04 status, T06 addendum, T08 edit, T10 replace)
 
 
 @dataclass(frozen=True)
@@ -943,6 +945,8 @@ def _mdm(c: _Ctx, trigger: str, table: OsuTable) -> None:
             out.warnings.append(f"{out.message_type}: TXA-17 (completion status) empty: read as preliminary")
 
     title = m.get(txa, 2, 2) or m.get(txa, 2)
+    parent_id = next(iter(m.eis(txa, 13)), "")
+    revision = "" if trigger == "T02" else trigger
     lines: list[str] = []
     documents: list[tuple[str, str, bytes, str]] = []   # format, media type, content, OBX-3 text
     for i, obx in enumerate(m.all("OBX"), 1):
@@ -979,9 +983,9 @@ def _mdm(c: _Ctx, trigger: str, table: OsuTable) -> None:
             if facts.refused:
                 out.withhold = True
             note_title = facts.title or note_title
-        note = Note(fmt, media, content, note_title, document_id)
+        note = Note(fmt, media, content, note_title, document_id, parent_id, revision)
     elif any(line.strip() for line in lines):
-        note = Note("text", "text/plain", "\n".join(lines).encode("utf-8"), title, document_id)
+        note = Note("text", "text/plain", "\n".join(lines).encode("utf-8"), title, document_id, parent_id, revision)
     if note is None:
         out.problems.append(f"{out.message_type}: no document content (no OBX-5 text and no ED data)")
         out.withhold = True

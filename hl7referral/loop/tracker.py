@@ -205,7 +205,8 @@ class Tracker:
         kind = "consult" if any(e.kind == Kind.CONSULT_NOTE for e in obs.events) else "interim"
         return self.loop.save_note(referral_id=referral_id, at=at, kind=kind, format=note.format,
                                    media_type=note.media_type, title=note.title, content=note.content, origin=origin,
-                                   workqueue_id=workqueue_id)
+                                   workqueue_id=workqueue_id, document_id=note.unique_id,
+                                   parent_document_id=note.parent_id, revision=note.revision)
 
     # -- timers ------------------------------------------------------------------------------
 

@@ -345,13 +345,21 @@ class Loop:
     # -- notes ------------------------------------------------------------------------------
 
     def save_note(self, *, referral_id: str | None, at: str, kind: str, format: str, media_type: str, title: str,
-                  content: bytes, origin: str, workqueue_id: int | None = None) -> int:
+                  content: bytes, origin: str, workqueue_id: int | None = None, document_id: str = "",
+                  parent_document_id: str = "", revision: str = "") -> int:
         s = self.store
         with s._lock, s._transaction():
             return self.conn.execute(
                 "INSERT INTO notes (referral_id, received_at, kind, format, media_type, title, content, origin, "
-                "workqueue_id) VALUES (?,?,?,?,?,?,?,?,?)",
-                (referral_id, at, kind, format, media_type, title, content, origin, workqueue_id)).lastrowid
+                "workqueue_id, document_id, parent_document_id, revision) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (referral_id, at, kind, format, media_type, title, content, origin, workqueue_id,
+                 document_id or None, parent_document_id or None, revision)).lastrowid
+
+    def note_by_document(self, referral_id: str, document_id: str, *, before: int) -> dict | None:
+        """The latest note of *referral_id* kept before note *before* with this document id (TXA-12)."""
+        rows = _dicts(self.conn, "SELECT * FROM notes WHERE referral_id = ? AND document_id = ? AND id < ? "
+                      "ORDER BY id DESC LIMIT 1", [referral_id, document_id, int(before)])
+        return rows[0] if rows else None
 
     def notes(self, referral_id: str | None = None, *, limit: int = 50) -> list[dict]:
         clause, args = where_equal(referral_id=referral_id)

@@ -303,6 +303,17 @@ def _v7_two_sides(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX relay_pending ON relay(id) WHERE packed_at IS NULL")
 
 
+@_migration
+def _v8_note_revisions(db: sqlite_utils.Database) -> None:
+    # A note's own document id (TXA-12, the C-CDA's id), the document it revises (TXA-13) and how
+    # (the MDM trigger: T04 status, T06 addendum, T08 edit, T10 replacement; '' for an original):
+    # a revision goes back to the chart as a revision of the document the chart holds.
+    db["notes"].add_column("document_id", str)
+    db["notes"].add_column("parent_document_id", str)
+    db["notes"].add_column("revision", str, not_null_default="")
+    db.execute("CREATE INDEX notes_document ON notes(referral_id, document_id) WHERE document_id IS NOT NULL")
+
+
 _INSERT = (
     "INSERT OR IGNORE INTO messages (received_at, listener, peer, channel, status, "
     "sending_application, sending_facility, message_type, control_id, referral_id, charset, "

@@ -98,6 +98,11 @@ _ER7_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f|]")
 _TIMESTAMP = re.compile(r"\d{4}(\d{2}){0,5}(\.\d{1,4})?([+-]\d{4})?\Z")
 
 
+# MDM triggers with the document's content: an original (T02) and its revisions (table 0003).
+MDM_TRIGGERS = ("T02", "T04", "T06", "T08", "T10")
+REVISES_PARENT = ("T06", "T08", "T10")   # addendum, edit, replacement: TXA-13 names the revised document
+
+
 @dataclass(frozen=True, slots=True)
 class ConsultNote:
     """A specialist's consult note going back to the referring EHR.
@@ -125,6 +130,7 @@ class ConsultNote:
     completion_status: str = "AU"  # table 0271 -> TXA-17
     activity_time: str = ""  # HL7 TS -> TXA-4 (when the consult took place)
     origination_time: str = ""  # HL7 TS -> TXA-6 (when the note was written)
+    parent_document_id: str = ""  # EI -> TXA-13: the document a revision (T06, T08, T10) revises
     loinc: str = CONSULT_NOTE_LOINC  # -> OBX-3.1
     patient_class: str = "O"  # table 0004 -> PV1-2
 
@@ -204,13 +210,21 @@ def build_mdm_t02(
     receiving: tuple[str, str],
     version: str = "2.5.1",
     processing_id: str = "P",
+    trigger: str = "T02",
 ) -> bytes:
     """The MDM^T02 message carrying ``note``, as bytes (UTF-8; ASCII unless the text is not).
 
     ``control_id`` becomes MSH-10 (the ACK's MSA-2 must echo it); ``now_hl7`` is an HL7
     timestamp (:func:`hl7referral.engine.ingest.hl7_timestamp`) for MSH-7 and EVN-2;
-    ``sending`` and ``receiving`` are (application, facility) as HD ER7 text.
+    ``sending`` and ``receiving`` are (application, facility) as HD ER7 text. ``trigger``: T02
+    (an original document), or a revision of one the chart has: T04 (its status changed: the
+    same TXA-12), T06 (an addendum), T08 (an edit) or T10 (a replacement), the last three with
+    the revised document in TXA-13 (``note.parent_document_id``); all with the MDM_T02 structure.
     """
+    if trigger not in MDM_TRIGGERS:
+        raise ValueError(f"trigger must be one of {', '.join(MDM_TRIGGERS)}")
+    if trigger in REVISES_PARENT and not note.parent_document_id:
+        raise ValueError(f"MDM^{trigger} needs the document it revises (parent_document_id)")
     if not control_id or _ER7_FORBIDDEN.search(control_id) or any(c in control_id for c in ENCODING_CHARACTERS):
         raise ValueError("control_id must be non-empty and hold no delimiter or control character")
     if not _TIMESTAMP.match(now_hl7 or ""):
@@ -219,7 +233,7 @@ def build_mdm_t02(
         raise ValueError("referral_id and unique_document_id are required")
     send_app, send_fac = (_er7(v, f"sending[{i}]") for i, v in enumerate(sending))
     recv_app, recv_fac = (_er7(v, f"receiving[{i}]") for i, v in enumerate(receiving))
-    structure = f"MDM{COMPONENT}T02{COMPONENT}MDM_T02"
+    structure = f"MDM{COMPONENT}{trigger}{COMPONENT}MDM_T02"
 
     referral = _er7(note.referral_id, "referral_id")
     placers = [referral]
@@ -237,6 +251,7 @@ def build_mdm_t02(
     txa[5] = _er7(note.author, "author", repeats=True)
     txa[6] = _timestamp(note.origination_time, "origination_time")
     txa[12] = _er7(note.unique_document_id, "unique_document_id")
+    txa[13] = _er7(note.parent_document_id, "parent_document_id")
     txa[14] = REPETITION.join(placers)
     txa[17] = _er7(note.completion_status, "completion_status")
 
