@@ -488,6 +488,18 @@ def test_mdm_without_content_or_with_broken_content_is_parked():
     assert cancelled.events == () and "TXA-19=CA" in cancelled.problems[0]
 
 
+@pytest.mark.parametrize("type_code,revision", [("RPLC", "T10"), ("APND", "T06"), ("XFRM", "")])
+def test_a_consult_cda_that_replaces_or_adds_to_another_is_a_revision_of_it(type_code, revision):
+    """relatedDocument/parentDocument: the note goes back to the chart as that revision (a transform is not one)."""
+    related = (f'<relatedDocument typeCode="{type_code}"><parentDocument>'
+               '<id root="2.999.1.32.20" extension="C0000"/></parentDocument></relatedDocument>')
+    xml = lm.consult_note_cda().replace(b"</inFulfillmentOf>", b"</inFulfillmentOf>" + related.encode(), 1)
+    obs = read_consult_cda(xml)
+    assert kinds(obs) == [Kind.CONSULT_NOTE] and ("document", "C0000@2.999.1.32.20") in obs.keys
+    assert (obs.note.unique_id, obs.note.revision) == ("C0001@2.999.1.32.20", revision)
+    assert obs.note.parent_id == ("C0000@2.999.1.32.20" if revision else "")
+
+
 def test_mdm_replacement_keeps_the_parent_document_as_a_key():
     obs = read_v2(lm.mdm_t02(trigger="T10", parent_document_id="D0000^^2.999.1.32.20^ISO"))
     assert ("document", "D0000@2.999.1.32.20") in obs.keys and kinds(obs) == [Kind.CONSULT_NOTE]

@@ -153,6 +153,36 @@ def test_a_replaced_addended_or_re_statused_note_goes_back_as_a_revision_of_the_
     check_audit(engine.path)
 
 
+def test_a_consult_cda_replacing_one_the_chart_has_goes_as_its_replacement(tmp_path):
+    """The decision alone, for notes as a C-CDA over Direct leaves them (relatedDocument RPLC: T10)."""
+    from hl7referral.engine.return_leg import revision_in_chart
+    from hl7referral.store.outbox import Outbox
+
+    s = Store.open(tmp_path / "s.db")
+    try:
+        loop, outbox = Loop(s), Outbox(s)
+        loop.open_referral("R1", at="2026-11-20T10:00:00Z")
+
+        def note(document_id: str, parent: str = "", revision: str = "") -> dict:
+            nid = loop.save_note(referral_id="R1", at="2026-11-21T10:00:00Z", kind="consult", format="cda",
+                                 media_type="text/xml", title="Consultation Note", content=b"<x/>", origin="mail #1",
+                                 document_id=document_id, parent_document_id=parent, revision=revision)
+            return loop.note(nid)
+
+        first = note("C0000@2.999.1.32.20")
+        replacement = note("C0001@2.999.1.32.20", "C0000@2.999.1.32.20", "T10")
+        # Not sent back yet: the chart does not have the first, so the replacement is an original there.
+        assert revision_in_chart(loop, outbox, "R1", replacement) == ("T02", f"HRN{replacement['id']}", "")
+        outbox.enqueue(key=f"R1/mllp/note-{first['id']}", referral_id="R1", document_id=None, channel="",
+                       transport="mllp", kind="consult-note", sender="", recipient="tcp:host=127.0.0.1:port=1",
+                       message_id=f"HRN{first['id']}", payload=b"", at="2026-11-21T10:00:00Z", now=0.0)
+        assert revision_in_chart(loop, outbox, "R1", replacement) == \
+            ("T10", f"HRN{replacement['id']}", f"HRN{first['id']}")
+        assert revision_in_chart(loop, outbox, "R1", first) == ("T02", f"HRN{first['id']}", "")
+    finally:
+        s.close()
+
+
 # -- 7: a misbehaving peer ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("behaviour", ["wrong-id", "late:1.5", "no-ack"])

@@ -1014,6 +1014,10 @@ _READERS = {"ACK": _ack, "OSU": _orders, "ORR": _orders, "ORG": _orders, "ORM": 
 
 # -- C-CDA -------------------------------------------------------------------------------------
 
+# CDA relatedDocument/@typeCode -> the MDM revision the referring chart is sent (RPLC replaces, APND adds).
+_RELATED = {"RPLC": "T10", "APND": "T06"}
+
+
 @dataclass
 class _CdaFacts:
     keys: list[tuple[str, str]] = field(default_factory=list)
@@ -1021,6 +1025,8 @@ class _CdaFacts:
     code: str = ""
     title: str = ""
     document_id: str = ""
+    parent_id: str = ""   # relatedDocument/parentDocument/id of a replacement or an addendum
+    revision: str = ""    # as the MDM trigger the chart understands: T10 (RPLC) or T06 (APND)
     effective: str = ""
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -1055,10 +1061,16 @@ def _read_cda(xml: bytes, local_root: str, zone: str) -> _CdaFacts:
         key = ii_key(ident.get("root", ""), ident.get("extension", ""), local_root)
         if key and (REFERRAL, key) not in f.keys:
             f.keys.append((REFERRAL, key))
-    for ident in root.iterfind(f"{_V3}relatedDocument/{_V3}parentDocument/{_V3}id"):
-        key = ii_key(ident.get("root", ""), ident.get("extension", ""), "\0")
-        if key and (DOCUMENT, key) not in f.keys:
-            f.keys.append((DOCUMENT, key))
+    for related in root.iterfind(f"{_V3}relatedDocument"):
+        for ident in related.iterfind(f"{_V3}parentDocument/{_V3}id"):
+            key = ii_key(ident.get("root", ""), ident.get("extension", ""), "\0")
+            if key and (DOCUMENT, key) not in f.keys:
+                f.keys.append((DOCUMENT, key))
+            # A replacement or an addendum of an earlier document (a transform, XFRM, is the same
+            # content in another form: not a revision the chart must see as one).
+            revision = _RELATED.get(related.get("typeCode", "").upper(), "")
+            if key and revision and not f.revision:
+                f.parent_id, f.revision = key, revision
     if not any(k == REFERRAL for k, _ in f.keys):
         f.problems.append("no inFulfillmentOf/order/id: the document names no referral")
     templates = {t.get("root", "") for t in root.iterfind(f"{_V3}templateId")}
@@ -1114,7 +1126,7 @@ def read_consult_cda(xml: bytes, *, kind: Kind | None = None, local_root: str = 
     keys.sort(key=lambda kv: _RANK.get(kv[0], len(_RANK)))
     source = f"C-CDA {'Consultation Note' if f.consult else 'document'} id={f.document_id or '-'}"
     note = Note("cda", "text/xml", bytes(xml) if not isinstance(xml, str) else xml.encode("utf-8"), f.title,
-                f.document_id)
+                f.document_id, f.parent_id, f.revision)
     return Observation(label, tuple(keys), (Event(kind, at, source=source),), note, tuple(problems), tuple(warnings))
 
 
