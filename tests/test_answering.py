@@ -154,6 +154,19 @@ def test_a_text_note_goes_back_as_a_valid_consultation_note_for_the_referral(rec
     assert back.problems == ()
 
 
+def test_a_revised_note_from_our_ehr_is_kept_and_a_person_told_not_sent_as_a_second_original(recipient, config):
+    """MDM^T10 after the T02: the initiator would file a new Consultation Note as another original."""
+    assert from_ehr(recipient, config, lm.mdm_t02(referral_id=REFERRAL_EI, text=NOTE_TEXT, control_id="MDM0001",
+                                                  **ORIGINAL_MODE)) == ["CONSULT_NOTE"]
+    revised = lm.mdm_t02(referral_id=REFERRAL_EI, text="Corrected.", trigger="T10", control_id="MDM0002",
+                         document_id="D0002^^2.999.1.32.20^ISO", parent_document_id=lm.DOCUMENT_EI, **ORIGINAL_MODE)
+    assert from_ehr(recipient, config, revised) == []
+    assert len(relay_rows(recipient)) == 1
+    [alert] = [a for a in recipient.list_alerts() if a["kind"] == "answer-not-sent"]
+    assert "MDM^T10" in alert["text"] and alert["referral_id"] == REFERRAL_ID
+    assert len(Loop(recipient).notes(REFERRAL_ID)) == 2   # kept
+
+
 def test_a_note_typed_by_a_person_becomes_a_consultation_note_about_the_referred_patient(
         recipient, config, validator):
     # `hl7referral answer REF note FILE`: no v2 message; the patient comes from the referral as received.

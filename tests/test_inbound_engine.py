@@ -265,6 +265,25 @@ def test_a_parked_referral_is_taken_by_replay_once_a_channel_takes_its_sender(tm
     assert again.exit_code == 1 and "no open work-queue item" in again.output
 
 
+def test_a_referral_sent_again_does_not_touch_the_document_our_ehr_was_given(tmp_path, direct_pki, referrer):
+    """Reference mode: the second copy (a resend, or a parked one replayed) is recorded once and its
+    C-CDA does not replace the file our EHR was pointed at."""
+    docs = tmp_path / "docs"
+    specialist = Specialist(tmp_path, direct_pki, text=channel_toml(cda="reference", documents_dir=str(docs)))
+    try:
+        specialist.deliver(send_referral(referrer, specialist.clock.seconds())["payload"])
+        [kept] = list(docs.rglob("referral-note.xml"))
+        kept.write_bytes(b"what our EHR fetched")
+        again = referral_content("omg-o19").cda.replace(b"</ClinicalDocument>", b"<!-- resent --></ClinicalDocument>")
+        specialist.deliver(send_referral(referrer_agent(tmp_path / "again", direct_pki), specialist.clock.seconds(),
+                                         cda=again)["payload"])
+        assert kept.read_bytes() == b"what our EHR fetched"
+        assert len(specialist.rows("referral-in")) == 1
+        assert "inbound-referral-again" in [a["kind"] for a in specialist.store.list_alerts()]
+    finally:
+        specialist.close()
+
+
 def read_documents_ok(content: bytes) -> bool:
     """The parked content still unpacks into the referral's documents (a person can look at them)."""
     from hl7referral.engine.direct import _attachments

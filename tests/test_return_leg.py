@@ -179,6 +179,39 @@ def test_a_consult_cda_replacing_one_the_chart_has_goes_as_its_replacement(tmp_p
         assert revision_in_chart(loop, outbox, "R1", replacement) == \
             ("T10", f"HRN{replacement['id']}", f"HRN{first['id']}")
         assert revision_in_chart(loop, outbox, "R1", first) == ("T02", f"HRN{first['id']}", "")
+        # An edit sent under the same TXA-12, without TXA-13: a revision of that document.
+        edit = note("C0001@2.999.1.32.20", "", "T08")
+        outbox.enqueue(key=f"R1/mllp/note-{replacement['id']}", referral_id="R1", document_id=None, channel="",
+                       transport="mllp", kind="consult-note", sender="", recipient="tcp:host=127.0.0.1:port=1",
+                       message_id=f"HRN{replacement['id']}", payload=b"", at="2026-11-21T10:00:00Z", now=0.0)
+        assert revision_in_chart(loop, outbox, "R1", edit) == ("T08", f"HRN{edit['id']}", f"HRN{replacement['id']}")
+        # The chart refused the first: what replaces it can only be filed as an original.
+        outbox.update(outbox.by_key(f"R1/mllp/note-{first['id']}")["id"], event="failed", at="2026-11-21T11:00:00Z",
+                      state="FAILED")
+        assert revision_in_chart(loop, outbox, "R1", replacement) == ("T02", f"HRN{replacement['id']}", "")
+    finally:
+        s.close()
+
+
+def test_a_referrals_notes_reach_the_chart_in_the_order_they_came(tmp_path):
+    """A revision queued while the note it revises waits for a retry waits behind it."""
+    from hl7referral.store.outbox import Outbox
+
+    s = Store.open(tmp_path / "s.db")
+    try:
+        outbox = Outbox(s)
+
+        def row(referral: str, n: int, kind: str = "consult-note") -> int:
+            return outbox.enqueue(key=f"{referral}/mllp/note-{n}", referral_id=referral, document_id=None,
+                                  channel="", transport="mllp", kind=kind, sender="", recipient="tcp:host=h:port=1",
+                                  message_id=f"HRN{n}", payload=b"", at="2026-11-21T10:00:00Z", now=0.0).id
+
+        first, revision, other = row("R1", 1), row("R1", 2), row("R2", 3)
+        outbox.update(first, event="send-failed", at="2026-11-21T10:00:01Z", state="RETRY_WAIT", next_attempt_at=50.0)
+        assert [r["id"] for r in outbox.due_in_order(10.0, kinds=("consult-note",))] == [other]
+        assert [r["id"] for r in outbox.due(10.0, transports=("mllp",))] == [revision, other]   # what it filters
+        outbox.update(first, event="ack", at="2026-11-21T10:01:00Z", state="DELIVERED")
+        assert [r["id"] for r in outbox.due_in_order(10.0, kinds=("consult-note",))] == [revision, other]
     finally:
         s.close()
 

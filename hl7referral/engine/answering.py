@@ -120,6 +120,14 @@ def owe_from_ehr(store, config, *, referral_id: str, obs: Observation, raw: byte
                    owner=config.loop.owner_of(loop.get(referral_id) or {}), referral_id=referral_id,
                    text="the other end's Direct address is not known: answers cannot go back")
         return []
+    if side.side == RECIPIENT and obs.note is not None and obs.note.revision:
+        # A revision (MDM^T04-T10) of a note the initiator has: sent as a new Consultation Note it
+        # would be filed as a second original. Not built here yet (relatedDocument): a person sends it.
+        loop.alert(key=f"relay/{referral_id}/revision/{obs.note.unique_id or origin}", kind="answer-not-sent",
+                   at=at, owner=config.loop.owner_of(loop.get(referral_id) or {}), referral_id=referral_id,
+                   text=f"a revised consult note (MDM^{obs.note.revision}, {origin or 'our EHR'}) is kept but not "
+                        "sent to the initiator: send the correction to them by hand")
+        return []
     facts = _facts(loop, referral_id)
     if side.side == INITIATOR and not facts.get("patient_cx"):
         # Our own referral's facts are the mapped ones (contact, purpose): the patient its packets

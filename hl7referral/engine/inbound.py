@@ -98,6 +98,8 @@ class InboundReferrals:
         message = None
         if channel is None:
             problems.append(f"no channel takes referrals from {sender} (source.direct)")
+        elif not problems and ref.referral_id and self.loop.get(ref.referral_id) is not None:
+            return channel, None, ""   # recorded already: _record says so; its document is not touched
         elif not problems and ref.referral_id:
             try:
                 message = self._forward_message(ref, channel.forward, now)
@@ -110,7 +112,7 @@ class InboundReferrals:
             return channel, None, "; ".join(problems) or "no referral id"
         return channel, message, ""
 
-    def _record(self, ref: InboundReferral, channel, message: bytes, *, sender: str, mail_id: int, at: str,
+    def _record(self, ref: InboundReferral, channel, message: bytes | None, *, sender: str, mail_id: int, at: str,
                 now: float) -> str:
         origin = f"mail #{mail_id}"
         fwd = channel.forward

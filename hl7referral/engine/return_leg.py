@@ -56,9 +56,14 @@ def revision_in_chart(loop: Loop, outbox: Outbox, referral_id: str, note: dict) 
     revision = note.get("revision") or ""
     if revision not in MDM_TRIGGERS or revision == "T02":
         return "T02", own, ""
-    key = note["document_id"] if revision == "T04" else note["parent_document_id"]
-    held = _chart_id(loop, outbox, referral_id, loop.note_by_document(referral_id, key, before=note["id"]) if key
-                     else None)
+    held = None
+    # T04 keeps its document's TXA-12; T06/T08/T10 name the revised one in TXA-13, though an edit
+    # (T08) is often sent under the same TXA-12 without it: then that is the document revised.
+    keys = [note["document_id"]] if revision == "T04" else [note["parent_document_id"], note["document_id"]]
+    for key in filter(None, keys):
+        held = _chart_id(loop, outbox, referral_id, loop.note_by_document(referral_id, key, before=note["id"]))
+        if held is not None:
+            break
     if held is None:
         return "T02", own, ""
     return (revision, held, "") if revision == "T04" else (revision, own, held)
@@ -67,7 +72,8 @@ def revision_in_chart(loop: Loop, outbox: Outbox, referral_id: str, note: dict) 
 def _chart_id(loop: Loop, outbox: Outbox, referral_id: str, note: dict | None, depth: int = 0) -> str | None:
     """The TXA-12 the chart holds for *note* (as :func:`revision_in_chart` sent it); None when we
     never sent it back."""
-    if note is None or outbox.by_key(f"{referral_id}/mllp/note-{note['id']}") is None:
+    row = outbox.by_key(f"{referral_id}/mllp/note-{note['id']}") if note is not None else None
+    if row is None or row["state"] == "FAILED":   # never sent back, or the chart refused it
         return None
     if note.get("revision") == "T04" and depth < 100:   # a status change is the document it changed
         earlier = loop.note_by_document(referral_id, note["document_id"], before=note["id"])
@@ -188,7 +194,7 @@ class ReturnService(MultiService):
 
     def tick(self):
         now = self.clock.seconds()
-        d = self.committer.run(lambda store: Outbox(store).due(now, transports=("mllp",)))
+        d = self.committer.run(lambda store: Outbox(store).due_in_order(now, kinds=("consult-note",)))
         d.addCallback(self._send_all)
         d.addErrback(lambda f: self.log.failure("return leg", f))
         return d

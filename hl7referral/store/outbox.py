@@ -85,6 +85,17 @@ class Outbox:
             f"SELECT * FROM outbox WHERE state IN ('QUEUED','RETRY_WAIT') AND next_attempt_at <= ? "
             f"AND transport IN ({marks}) ORDER BY next_attempt_at, id LIMIT ?", [now, *transports, int(limit)])]
 
+    def due_in_order(self, now: float, kinds: tuple[str, ...], transports: tuple[str, ...] = ("mllp",),
+                     limit: int = 50) -> list[dict]:
+        """:meth:`due`, less the rows of *kinds* that an earlier row of the same referral and kind is
+        still ahead of (not DELIVERED, not FAILED): one referral's consult notes reach the chart in
+        the order they came, so a revision never arrives before the document it revises."""
+        rows = self.due(now, limit, transports)
+        return [r for r in rows if r["kind"] not in kinds or not self.conn.execute(
+            "SELECT 1 FROM outbox WHERE referral_id = ? AND kind = ? AND transport = ? AND id < ? "
+            "AND state NOT IN ('DELIVERED', 'FAILED') LIMIT 1",
+            (r["referral_id"], r["kind"], r["transport"], r["id"])).fetchone()]
+
     def next_due(self, transports: tuple[str, ...] = ("direct",)) -> float | None:
         """When the earliest send or timeout falls due (None: nothing pending)."""
         marks = ",".join("?" * len(transports))
