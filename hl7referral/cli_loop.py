@@ -163,10 +163,7 @@ def _reread(item: dict, config):
 def _replay_referral(config, store, item: dict, *, by: str) -> int:
     """A referral sent to us and parked (engine/inbound.py) taken again: 0 when recorded, 1 when not."""
     from .engine.inbound import InboundReferrals
-    from .store.outbox import Outbox
-    mail = Outbox(store).get_mail(int(item["origin"].removeprefix("mail #"))) or {}
-    ok, what = InboundReferrals(config, store).replay(item, sender=mail.get("from_address") or "",
-                                                      now=_utcnow().timestamp(), by=by)
+    ok, what = InboundReferrals(config, store).replay(item, now=_utcnow().timestamp(), by=by)
     click.echo(f"#{item['id']}: {what}" if ok else f"#{item['id']}: still parked: {what}")
     return 0 if ok else 1
 
@@ -510,7 +507,7 @@ def register_actions(main, config_options, readable_errors, load, open_store, em
         could not be kept) is taken again with today's configuration: recorded and queued for
         our EHR. Exit status 1 when some item still cannot be (it stays open, with its reason).
         """
-        from .engine.inbound import PARKED_TYPE as PARKED_REFERRAL
+        from .engine.inbound import PARKED_TYPE
         from .loop.tracker import Tracker
         if not item_ids and not replay_all:
             fail("name work-queue item ids, or --all")
@@ -527,7 +524,7 @@ def register_actions(main, config_options, readable_errors, load, open_store, em
                     click.echo(f"#{item_id}: no open work-queue item")
                     still += 1
                     continue
-                if item["message_type"] == PARKED_REFERRAL:
+                if item["message_type"] == PARKED_TYPE:
                     still += _replay_referral(cfg, s, item, by=_who(by))
                     continue
                 out = tracker.replay(item, _reread(item, cfg), now=_utcnow(), by=_who(by))

@@ -208,10 +208,14 @@ def test_a_referrals_notes_reach_the_chart_in_the_order_they_came(tmp_path):
 
         first, revision, other = row("R1", 1), row("R1", 2), row("R2", 3)
         outbox.update(first, event="send-failed", at="2026-11-21T10:00:01Z", state="RETRY_WAIT", next_attempt_at=50.0)
-        assert [r["id"] for r in outbox.due_in_order(10.0, kinds=("consult-note",))] == [other]
+
+        def in_order() -> list[int]:
+            return [r["id"] for r in outbox.due(10.0, transports=("mllp",), in_order=("consult-note",))]
+
+        assert in_order() == [other]
         assert [r["id"] for r in outbox.due(10.0, transports=("mllp",))] == [revision, other]   # what it filters
         outbox.update(first, event="ack", at="2026-11-21T10:01:00Z", state="DELIVERED")
-        assert [r["id"] for r in outbox.due_in_order(10.0, kinds=("consult-note",))] == [revision, other]
+        assert in_order() == [revision, other]
     finally:
         s.close()
 

@@ -73,14 +73,16 @@ class InboundReferrals:
             return f"parked #{item}"
         return self._record(ref, channel, message, sender=sender, mail_id=mail_id, at=at, now=now)
 
-    def replay(self, item: dict, *, sender: str, now: float, by: str) -> tuple[bool, str]:
+    def replay(self, item: dict, *, now: float, by: str) -> tuple[bool, str]:
         """A parked referral (``receive`` could not take it) read again from the content it kept, with
         today's configuration (a channel added for its sender, a documents directory made): recorded
-        and queued, and the item resolved; else (False, why) and the item stays open as it was."""
+        and queued, and the item resolved; else (False, why) and the item stays open as it was. The
+        sender is the one its mail was opened from."""
         from ..loop.inbound import read_inbound
         from .direct import _attachments   # the Direct layer's own unpacking (XDM or attachments)
 
         mail_id = int(item["origin"].removeprefix("mail #"))
+        sender = (Outbox(self.store).get_mail(mail_id) or {}).get("from_address") or ""
         ref = read_inbound(_attachments(item["raw"] or b""), local_root=self.config.local_root)
         channel, message, why = self._checked(ref, sender, now)
         if why:

@@ -44,6 +44,16 @@ from .mllp_client import MLLPSender, SendFailed
 TICK = 1.0
 
 
+def note_key(referral_id: str, note_id: int) -> str:
+    """The outbox idempotency key of a note's way back to the chart."""
+    return f"{referral_id}/mllp/note-{note_id}"
+
+
+def chart_document(note_id: int) -> str:
+    """The note's number in the chart (its MDM's MSH-10 and, unless it revises one, its TXA-12)."""
+    return f"HRN{note_id}"
+
+
 def revision_in_chart(loop: Loop, outbox: Outbox, referral_id: str, note: dict) -> tuple[str, str, str]:
     """(MDM trigger, TXA-12, TXA-13) of *note* as the referring chart must see it.
 
@@ -52,7 +62,7 @@ def revision_in_chart(loop: Loop, outbox: Outbox, referral_id: str, note: dict) 
     that revision of the document the chart holds; one whose document the chart never had from us
     (not kept here, or never sent back) goes as an original (T02), the only thing it can file.
     """
-    own = f"HRN{note['id']}"
+    own = chart_document(note["id"])
     revision = note.get("revision") or ""
     if revision not in MDM_TRIGGERS or revision == "T02":
         return "T02", own, ""
@@ -72,7 +82,7 @@ def revision_in_chart(loop: Loop, outbox: Outbox, referral_id: str, note: dict) 
 def _chart_id(loop: Loop, outbox: Outbox, referral_id: str, note: dict | None, depth: int = 0) -> str | None:
     """The TXA-12 the chart holds for *note* (as :func:`revision_in_chart` sent it); None when we
     never sent it back."""
-    row = outbox.by_key(f"{referral_id}/mllp/note-{note['id']}") if note is not None else None
+    row = outbox.by_key(note_key(referral_id, note["id"])) if note is not None else None
     if row is None or row["state"] == "FAILED":   # never sent back, or the chart refused it
         return None
     if note.get("revision") == "T04" and depth < 100:   # a status change is the document it changed
@@ -80,7 +90,7 @@ def _chart_id(loop: Loop, outbox: Outbox, referral_id: str, note: dict | None, d
         held = _chart_id(loop, outbox, referral_id, earlier, depth + 1)
         if held is not None:
             return held
-    return f"HRN{note['id']}"
+    return chart_document(note["id"])
 
 
 def patient_fields(raw: bytes, codec: str) -> dict[str, str]:
@@ -170,7 +180,7 @@ class ReturnService(MultiService):
         original = store.get_message(row["message_id"]) if row.get("message_id") else None
         pid = patient_fields(original["raw"], original.get("charset") or "ascii") if original else {}
         fmt_text = note["format"] == "text"
-        control_id = f"HRN{note_id}"
+        control_id = chart_document(note_id)
         trigger, unique, parent = revision_in_chart(loop, Outbox(store), referral_id, note)
         mdm = build_mdm_t02(
             ConsultNote(referral_id=ei_from_key(referral_id), unique_document_id=unique, parent_document_id=parent,
@@ -184,7 +194,7 @@ class ReturnService(MultiService):
             receiving=(self.leg.receiving_application, self.leg.receiving_facility), version=self.leg.version,
             trigger=trigger)
         what = f"consult note #{note_id}" + (f", {trigger} of {parent or unique}" if trigger != "T02" else "")
-        Outbox(store).enqueue(key=f"{referral_id}/mllp/note-{note_id}", referral_id=referral_id, document_id=None,
+        Outbox(store).enqueue(key=note_key(referral_id, note_id), referral_id=referral_id, document_id=None,
                               channel=row.get("channel") or "", transport="mllp", kind="consult-note",
                               sender=self.leg.sending_application, recipient=self.leg.endpoint,
                               message_id=control_id, payload=mdm, at=at, now=now, detail=what)
@@ -194,7 +204,7 @@ class ReturnService(MultiService):
 
     def tick(self):
         now = self.clock.seconds()
-        d = self.committer.run(lambda store: Outbox(store).due_in_order(now, kinds=("consult-note",)))
+        d = self.committer.run(lambda store: Outbox(store).due(now, transports=("mllp",), in_order=("consult-note",)))
         d.addCallback(self._send_all)
         d.addErrback(lambda f: self.log.failure("return leg", f))
         return d

@@ -78,23 +78,21 @@ class Outbox:
             self._event(cur.lastrowid, None, referral_id, "queued", "QUEUED", detail or f"{kind} to {recipient}", at)
             return Enqueued(cur.lastrowid, True, "QUEUED")
 
-    def due(self, now: float, limit: int = 50, transports: tuple[str, ...] = ("direct",)) -> list[dict]:
-        """Rows to send now (oldest first)."""
+    def due(self, now: float, limit: int = 50, transports: tuple[str, ...] = ("direct",),
+            in_order: tuple[str, ...] = ()) -> list[dict]:
+        """Rows to send now (oldest first). A row of a kind in *in_order* waits while an earlier row of
+        the same referral and kind is still on its way (not DELIVERED, not FAILED): one referral's
+        consult notes reach the chart in the order they came, a revision after what it revises."""
         marks = ",".join("?" * len(transports))
+        behind = ""
+        if in_order:
+            behind = (f"AND NOT (o.kind IN ({','.join('?' * len(in_order))}) AND EXISTS (SELECT 1 FROM outbox e "
+                      "WHERE e.referral_id = o.referral_id AND e.kind = o.kind AND e.transport = o.transport "
+                      "AND e.id < o.id AND e.state NOT IN ('DELIVERED', 'FAILED'))) ")
         return [dict(r) for r in self.store.db.query(
-            f"SELECT * FROM outbox WHERE state IN ('QUEUED','RETRY_WAIT') AND next_attempt_at <= ? "
-            f"AND transport IN ({marks}) ORDER BY next_attempt_at, id LIMIT ?", [now, *transports, int(limit)])]
-
-    def due_in_order(self, now: float, kinds: tuple[str, ...], transports: tuple[str, ...] = ("mllp",),
-                     limit: int = 50) -> list[dict]:
-        """:meth:`due`, less the rows of *kinds* that an earlier row of the same referral and kind is
-        still ahead of (not DELIVERED, not FAILED): one referral's consult notes reach the chart in
-        the order they came, so a revision never arrives before the document it revises."""
-        rows = self.due(now, limit, transports)
-        return [r for r in rows if r["kind"] not in kinds or not self.conn.execute(
-            "SELECT 1 FROM outbox WHERE referral_id = ? AND kind = ? AND transport = ? AND id < ? "
-            "AND state NOT IN ('DELIVERED', 'FAILED') LIMIT 1",
-            (r["referral_id"], r["kind"], r["transport"], r["id"])).fetchone()]
+            f"SELECT * FROM outbox o WHERE state IN ('QUEUED','RETRY_WAIT') AND next_attempt_at <= ? "
+            f"AND transport IN ({marks}) {behind}ORDER BY next_attempt_at, id LIMIT ?",
+            [now, *transports, *in_order, int(limit)])]
 
     def next_due(self, transports: tuple[str, ...] = ("direct",)) -> float | None:
         """When the earliest send or timeout falls due (None: nothing pending)."""
