@@ -27,6 +27,7 @@ from hl7referral.cda.validate import Validator, document_rule_id
 from hl7referral.loop.correlate import PLACER, REFERRAL, read_consult_cda
 from hl7referral.loop.states import Kind
 from hl7referral.v2.mdm import ConsultNote, build_mdm_t02
+from test_referral_note import veterinary as vet_referral
 
 NS = {"cda": "urn:hl7-org:v3", "sdtc": "urn:hl7-org:sdtc"}
 V3 = "{urn:hl7-org:v3}"
@@ -100,16 +101,7 @@ def veterinary() -> ConsultInput:
     return ConsultInput(
         referral_id=Identifier("", "VR-1", "VETCLINIC"),
         text="Gait analysis: grade 2/5 lameness, right hind.\nPlan: TPLO surgery discussed with the owner.",
-        patient=Patient(
-            ids=[Identifier("", "P-77", "VETCLINIC")],
-            names=[Name("Smith", ["Rex"])],
-            gender=Code("M"),
-            birth_time="2019",
-            species=Code("448771007", OID["SNOMED"], "Canis lupus subsp. familiaris (organism)", "SNOMED CT"),
-            breed=Code(original_text="Labrador Retriever"),
-            owner=Party(name=Name("Smith", ["John"]), telecom=[Telecom("+1 555 555 0199", "HP")],
-                        relationship=Code("OWN", OID["HL70063"], "Owner")),
-        ),
+        patient=vet_referral().patient,   # the dog tests/test_referral_note.py refers
         author=Party(ids=[Identifier("", "V987", "STATE_VET_LICENSE")], name=Name("Ortho", ["Olga"]),
                      organization="Animal Orthopedics"),
         recipient=Party(name=Name("Vet", ["Val"])),

@@ -133,6 +133,18 @@ def hand_back(referrer: DirectAgent, payload: bytes, now: float):
     return referrer.receive(referrer.outbox.get_mail(mail_id), now)
 
 
+def processed_by_referrer(specialist: Specialist, referrer: DirectAgent, row: dict,
+                          on_documents=lambda *a, **kw: None) -> None:
+    """Our packet *row* leaves (250), reaches the referring clinic (its documents to *on_documents*),
+    whose processed MDN comes back to us."""
+    now = specialist.clock.seconds()
+    specialist.service.agent.on_send_result(row, SendResult("delivered", 250, "2.0.0 queued"), now)
+    referrer.on_documents = on_documents
+    hand_back(referrer, row["payload"], now)
+    [mdn] = [r for r in referrer.outbox.list() if r["kind"] == "mdn-processed"]
+    specialist.deliver(referrer.outbox.get(mdn["id"])["payload"])
+
+
 def obx_document(payload: bytes) -> bytes:
     """The C-CDA a forwarded REF^I12 carries (OBX-5 ED: ^Application^XML^Base64^<data>), read by python-hl7."""
     message = hl7.parse(payload.decode("utf-8"))
@@ -377,16 +389,10 @@ def test_a_consult_note_answer_is_filed_when_the_referrers_processed_mdn_comes_b
     specialist.tick()
     [note] = specialist.rows("consult-note")
     assert (note["transport"], note["recipient"]) == ("direct", SENDER)
-    now = specialist.clock.seconds()
-    specialist.service.agent.on_send_result(note, SendResult("delivered", 250, "2.0.0 queued"), now)
-
     seen = []
-    referrer.on_documents = lambda documents, *a, **kw: seen.append(documents)
-    hand_back(referrer, note["payload"], now)
+    processed_by_referrer(specialist, referrer, note, lambda documents, *a, **kw: seen.append(documents))
     obs = read_documents(seen[0])
     assert Kind.CONSULT_NOTE in [e.kind for e in obs.events] and obs.note.format == "cda"
-    [mdn] = [r for r in referrer.outbox.list() if r["kind"] == "mdn-processed"]
-    specialist.deliver(referrer.outbox.get(mdn["id"])["payload"])
     assert specialist.outbox.get(note["id"])["state"] == "MDN_PROCESSED"
     assert Kind.NOTE_FILED in [e.kind for e in specialist.loop.events(REFERRAL_ID)]
 
@@ -409,12 +415,7 @@ def test_an_interim_note_does_not_close_the_referral_when_its_mdn_comes_back(spe
     [owed] = [r for r in Relay(specialist.store).list(REFERRAL_ID) if r["kind"] == "INTERIM_NOTE"]
     assert owed["document_size"]   # the note travels as a C-CDA beside the OSU
     note = specialist.outbox.get(owed["outbox_id"])
-    now = specialist.clock.seconds()
-    specialist.service.agent.on_send_result(note, SendResult("delivered", 250, "2.0.0 queued"), now)
-    referrer.on_documents = lambda *a, **kw: None
-    hand_back(referrer, note["payload"], now)
-    [mdn] = [r for r in referrer.outbox.list() if r["kind"] == "mdn-processed"]
-    specialist.deliver(referrer.outbox.get(mdn["id"])["payload"])
+    processed_by_referrer(specialist, referrer, note)
     assert specialist.outbox.get(note["id"])["state"] == "MDN_PROCESSED"
     assert specialist.loop.get(REFERRAL_ID)["state"] == "ACCEPTED"   # an interim note changes no state
 
@@ -456,12 +457,7 @@ def test_an_answer_the_referrer_processed_does_not_time_out(specialist, referrer
                            now_hl7="20261118120000+0000", at="2026-11-18T12:00:00Z")
     specialist.tick()
     [answer] = specialist.rows("answer")
-    now = specialist.clock.seconds()
-    specialist.service.agent.on_send_result(answer, SendResult("delivered", 250, "2.0.0 queued"), now)
-    referrer.on_documents = lambda *a, **kw: None
-    hand_back(referrer, answer["payload"], now)
-    [mdn] = [r for r in referrer.outbox.list() if r["kind"] == "mdn-processed"]
-    specialist.deliver(referrer.outbox.get(mdn["id"])["payload"])
+    processed_by_referrer(specialist, referrer, answer)
     assert specialist.outbox.get(answer["id"])["state"] == "MDN_PROCESSED"
     specialist.clock.advance(specialist.config.direct.dispatched_timeout + 1)
     specialist.tick()
