@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from hl7referral.demo import REFERRER, SPECIALIST, TwoEngines
+from hl7referral.demo import REFERRER, SPECIALIST, TwoEngines, scenario
 from hl7referral.send import read_messages
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = read_messages(ROOT / "samples" / "ref-i12.hl7")[0]
 REF1, REF2 = "SAMPLEREF0001", "SAMPLEREF0002"
 REFERRER_ADDRESS, SPECIALIST_ADDRESS = "referrals@direct.sender.test", "cardiology@direct.receiver.test"
-ACTIVE = ("QUEUED", "RETRY_WAIT")
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -38,12 +37,6 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def quiet(h: TwoEngines) -> bool:
-    """Nothing left to send anywhere: no outbox row waiting in either engine, nothing queued at the relay."""
-    waiting = [r for e in (REFERRER, SPECIALIST) for r in h.outbox(e) if r["state"] in ACTIVE]
-    return not waiting and all(r.result != "queued" for r in h.relay.records())
-
-
 def delivered(h: TwoEngines, referral_id: str) -> bool:
     """The referrer recorded the receipt, and the specialist's EHR took the referral (its packet has
     the dispatched MDN: final delivery)."""
@@ -57,7 +50,7 @@ def test_a_referral_goes_through_the_relay_and_its_processed_mdn_comes_back(tmp_
         assert (ack.code, ack.control_id) == ("AA", "REFSAMPLE1")
 
         h.wait_for(lambda: delivered(h, REF1), 30, f"the receipt of {REF1} on the referrer")
-        h.wait_for(lambda: quiet(h), 10, "nothing left to send")
+        scenario.settle(h, timeout=10)
 
         # The referring side: the referral is DELIVERED (once, though two MDNs prove it); one packet went
         # to the specialist engine's address; its processed MDN came back, trusted and matched, and,
@@ -114,7 +107,7 @@ def test_a_specialist_killed_before_its_mdn_leaves_answers_once_after_restart(tm
         h.restart(SPECIALIST)            # same ports, same store
 
         h.wait_for(lambda: delivered(h, REF2), 30, f"the receipt of {REF2} on the referrer")
-        h.wait_for(lambda: quiet(h), 10, "nothing left to send")
+        scenario.settle(h, timeout=10)
         assert h.state(REFERRER, REF2) == "DELIVERED"
         assert [e["kind"] for e in h.loop_events(REFERRER, REF2)] == ["SENT", "DELIVERED"]
 

@@ -236,12 +236,13 @@ def _in_flight(row: dict) -> bool:
 
 def settle(h: TwoEngines, *, timeout: float = 30.0) -> None:
     """Wait until nothing is on its way: no message queued at the relay, no outbox row of either
-    engine unsent or waiting for its MDN. Counts taken after this cannot still grow by a
-    duplicate that was already under way."""
+    engine unsent or waiting for its MDN, no mail an engine received and has not opened yet.
+    Counts taken after this cannot still grow by a duplicate that was already under way."""
     def quiet() -> bool:
         if any(r.result == "queued" for r in h.relay.records()):
             return False
-        return not any(_in_flight(r) for side in (REFERRER, SPECIALIST) for r in h.outbox(side))
+        return not any(_in_flight(r) for side in (REFERRER, SPECIALIST) for r in h.outbox(side)) and \
+            not any(m["status"] == "received" for side in (REFERRER, SPECIALIST) for m in h.mail(side))
     h.wait_for(quiet, timeout, "the relay and both outboxes to settle")
 
 
